@@ -1,0 +1,92 @@
+"""File I/O at the edges: atomic writes, id -> vector files without pickle, legacy opt-in."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import TransfiraError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success.
+
+    Readers never see a half-written file, and a failed job leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> None:
+    """``np.save`` atomically (no pickle)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def save_csv(frame, path: str | Path) -> None:
+    """Write a pandas DataFrame as CSV atomically, without the index."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def save_id_vectors(path: str | Path, ids, vectors: np.ndarray) -> None:
+    """Store an id -> vector mapping as ``.npz`` with arrays ``ids`` [K] and ``vectors`` [K, D].
+
+    Integer ids are kept as int64, anything else as unicode strings, so no pickle is needed.
+    """
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        ids = ids.astype(str)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(ids) != len(vectors):
+        raise ValueError(f"ids {ids.shape} and vectors {vectors.shape} do not match")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, ids=ids, vectors=vectors)
+
+
+def load_id_vectors(path: str | Path, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read an id -> vector file written by :func:`save_id_vectors`.
+
+    A legacy pickled ``dict`` saved with ``np.save`` (the reference's ``*_centers.npy`` and
+    ``templates_*.npy``) is read only with ``allow_pickle=True``: unpickling runs code
+    from the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TransfiraError(f"file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        if "pickle" not in str(err):
+            raise TransfiraError(f"{path}: cannot read: {err}") from None
+        data = None
+    if data is not None:
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise TransfiraError(f"{path}: expected an .npz with arrays 'ids' and 'vectors'")
+        with data:
+            if not {"ids", "vectors"} <= set(data.files):
+                raise TransfiraError(f"{path}: expected arrays 'ids' and 'vectors', found {data.files}")
+            return data["ids"], data["vectors"].astype(np.float32, copy=False)
+    if not allow_pickle:
+        raise TransfiraError(
+            f"{path} is a pickled dictionary (the reference's format); unpickling can run code "
+            "from the file, so it is refused. If you trust the file, pass --allow-pickle."
+        )
+    obj = np.load(path, allow_pickle=True)
+    mapping = obj.item() if obj.dtype == object and obj.shape == () else None
+    if not isinstance(mapping, dict) or not mapping:
+        raise TransfiraError(f"{path}: expected a pickled dict of id -> vector")
+    ids = np.asarray(list(mapping.keys()))
+    vectors = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in mapping.values()])
+    return ids, vectors
