@@ -1,0 +1,258 @@
+"""Verification and quality-assessment metrics (paper Tables II and III), streaming where it matters.
+
+Conventions (SPEC section 6):
+- Scores are cosine similarities. With N impostor scores and k = floor(FMR * N), the threshold at
+  that FMR is the k-th highest impostor score; TAR is the share of genuine scores strictly above
+  it, FNMR the share at or below it. k = 0 means the FMR cannot be measured (NaN, never a number).
+- All-vs-all comparison never materializes the score matrix: blocks of ``chunk_size`` x
+  ``chunk_size`` scores are reduced to (a) the genuine scores with their pair indices
+  (O(sum n_s^2), small), (b) a bounded running top-k of impostor scores, k_max = floor(max FMR * N),
+  enough for every requested threshold, and (c) a fixed histogram of impostor scores for the ROC.
+- Error-versus-discard (ISO/IEC 29794-1:2024 EDC; the paper's ERC): discarding a fraction f of
+  the images removes every image whose quality is below q_(m), the (m+1)-th lowest quality,
+  m = floor(f * N_images) (exactly the m lowest images when there are no ties; tied images at the
+  cut are all kept). A pair goes when either image goes (pair quality = min of the two); FNMR is
+  counted over the remaining genuine pairs at the threshold fixed beforehand on all pairs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+HIST_BINS = 20000  # impostor histogram over [-1, 1] for the ROC (bin width 1e-4)
+
+
+@dataclass
+class ScoreStats:
+    """What a verification run keeps of its scores.
+
+    genuine: all genuine scores [G]; genuine_pairs: their (row a, row b) indices [G, 2] (None for
+    an explicit pair list); impostor_top: the largest impostor scores, descending [<= k_max];
+    n_impostor: number of impostor scores; impostor_hist: counts of impostor scores in
+    ``HIST_BINS`` equal bins over [-1, 1] (scores outside are not counted).
+    """
+
+    genuine: np.ndarray
+    genuine_pairs: np.ndarray | None
+    impostor_top: np.ndarray
+    n_impostor: int
+    impostor_hist: np.ndarray
+
+
+def n_at_fmr(fmr: float, n_impostor: int) -> int:
+    """k = floor(FMR * N), robust to the binary representation of e.g. 1e-3 (1e-3 * 1000 -> 1)."""
+    return math.floor(round(fmr * n_impostor, 6))
+
+
+def k_needed(fmrs, n_impostor: int) -> int:
+    """Number of top impostor scores that all thresholds at ``fmrs`` need."""
+    return max((n_at_fmr(f, n_impostor) for f in fmrs), default=0)
+
+
+def fmr_thresholds(impostor_top: np.ndarray, n_impostor: int, fmrs) -> np.ndarray:
+    """Threshold per FMR: the k-th highest impostor score, k = floor(FMR * N); NaN where k = 0."""
+    out = np.full(len(fmrs), np.nan)
+    for i, fmr in enumerate(fmrs):
+        k = n_at_fmr(fmr, n_impostor)
+        if k > len(impostor_top):
+            raise ValueError(f"FMR {fmr} needs the top {k} impostor scores, only {len(impostor_top)} kept")
+        if k > 0:
+            out[i] = impostor_top[k - 1]
+    return out
+
+
+def tar_at_fmr(genuine: np.ndarray, impostor_top: np.ndarray, n_impostor: int, fmrs) -> np.ndarray:
+    """TAR (share of genuine scores > threshold) per FMR, NaN where not measurable (paper Table II).
+
+    ``impostor_top`` holds at least the floor(max(fmrs) * n_impostor) largest impostor scores,
+    sorted descending (all impostor scores, sorted, also do).
+    """
+    if len(genuine) == 0:
+        raise ValueError("no genuine scores")
+    thr = fmr_thresholds(impostor_top, n_impostor, fmrs)
+    gen = np.sort(np.asarray(genuine, dtype=np.float64))
+    above = len(gen) - np.searchsorted(gen, np.nan_to_num(thr), side="right")
+    return np.where(np.isnan(thr), np.nan, above / len(gen))
+
+
+def roc_curve(stats: ScoreStats, n_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """(FMR, TAR) points, FMR ascending: exact from the impostor top-k at the low-FMR end,
+    from the impostor histogram (threshold = bin edge) above it."""
+    gen = np.sort(stats.genuine.astype(np.float64))
+    n_imp, top = stats.n_impostor, stats.impostor_top
+    ks = np.unique(np.geomspace(1, max(len(top), 1), n_points).astype(np.int64))[: len(top)]
+    fmr_lo = ks / n_imp
+    tar_lo = (len(gen) - np.searchsorted(gen, top[ks - 1], side="right")) / len(gen)
+    edges = np.linspace(-1.0, 1.0, len(stats.impostor_hist) + 1)[:-1]
+    at_or_above = np.cumsum(stats.impostor_hist[::-1])[::-1]  # impostors >= lower edge of each bin
+    fmr_hi = at_or_above / n_imp
+    keep = fmr_hi > (fmr_lo[-1] if len(fmr_lo) else 0.0)
+    tar_hi = (len(gen) - np.searchsorted(gen, edges, side="left")) / len(gen)
+    fmr = np.concatenate([fmr_lo, fmr_hi[keep][::-1]])
+    tar = np.concatenate([tar_lo, tar_hi[keep][::-1]])
+    return fmr, tar
+
+
+def _normalize(x, device, dtype) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(x), device=device).to(dtype)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def _codes(*labels: np.ndarray) -> list[torch.Tensor]:
+    """Integer codes of labels shared across the given arrays."""
+    _, inv = np.unique(np.concatenate([np.asarray(l).astype(str) for l in labels]), return_inverse=True)
+    splits = np.cumsum([len(l) for l in labels])[:-1]
+    return [torch.from_numpy(c.astype(np.int64)) for c in np.split(inv.reshape(-1), splits)]
+
+
+def count_pairs(subjects, probe_subjects=None) -> tuple[int, int]:
+    """(genuine, impostor) pair counts of an all-vs-all (i < j) or gallery-vs-probe comparison."""
+    if probe_subjects is None:
+        _, n = np.unique(np.asarray(subjects).astype(str), return_counts=True)
+        total, gen = len(subjects) * (len(subjects) - 1) // 2, int((n * (n - 1) // 2).sum())
+    else:
+        g_ids, g_n = np.unique(np.asarray(subjects).astype(str), return_counts=True)
+        p_ids, p_n = np.unique(np.asarray(probe_subjects).astype(str), return_counts=True)
+        _, gi, pi = np.intersect1d(g_ids, p_ids, return_indices=True)
+        total, gen = len(subjects) * len(probe_subjects), int((g_n[gi] * p_n[pi]).sum())
+    return gen, total - gen
+
+
+def all_vs_all_scores(
+    features: np.ndarray,
+    subjects: np.ndarray,
+    fmrs,
+    chunk_size: int = 4096,
+    *,
+    probe_features: np.ndarray | None = None,
+    probe_subjects: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> ScoreStats:
+    """Cosine scores of all pairs i < j of ``features`` (or all gallery x probe pairs), streamed.
+
+    Pairs with equal subject are genuine, all others impostor. Works through blocks of
+    ``chunk_size`` x ``chunk_size`` scores (memory O(chunk_size^2 + G + k_max)); keeps every
+    genuine score with its indices (``genuine_pairs[:, 1]`` indexes the probes when given), the
+    top floor(max(fmrs) * N_impostor) impostor scores and an impostor histogram.
+    """
+    cross = probe_features is not None
+    if cross != (probe_subjects is not None):
+        raise ValueError("probe_features and probe_subjects go together")
+    a = _normalize(features, device, dtype)
+    b = _normalize(probe_features, device, dtype) if cross else a
+    la, lb = [c.to(device) for c in _codes(subjects, probe_subjects)] if cross else [_codes(subjects)[0].to(device)] * 2
+    _, n_imp = count_pairs(subjects, probe_subjects if cross else None)
+    k_max = k_needed(fmrs, n_imp)
+
+    blocks = [(i, j) for i in range(0, len(a), chunk_size) for j in range(0 if cross else i, len(b), chunk_size)]
+    gen, gen_idx, top = [], [], torch.empty(0, device=device, dtype=dtype)
+    thr = torch.tensor(-math.inf, device=device, dtype=dtype)
+    hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
+    for i, j in tqdm(blocks, desc="scoring", unit="block", disable=not progress):
+        s = a[i : i + chunk_size] @ b[j : j + chunk_size].T
+        same = la[i : i + chunk_size, None] == lb[None, j : j + chunk_size]
+        if not cross and i == j:  # diagonal block: only pairs i < j; NaN drops out of histc and ">"
+            lower = torch.ones_like(same).tril_()
+            s.masked_fill_(lower, math.nan)
+            same &= ~lower
+        g = s[same]
+        hist += torch.histc(s, HIST_BINS, -1, 1).double() - torch.histc(g, HIST_BINS, -1, 1).double()
+        gen.append(g.cpu())
+        gen_idx.append((same.nonzero() + torch.tensor([i, j], device=device)).cpu())
+        if k_max:
+            cand = s[(s > thr) & ~same]
+            if len(cand):
+                top = torch.cat([top, cand])
+                if len(top) >= k_max:
+                    top = torch.topk(top, k_max, sorted=False).values
+                    thr = top.min()
+    genuine = torch.cat(gen).double().numpy()
+    return ScoreStats(
+        genuine=genuine,
+        genuine_pairs=torch.cat(gen_idx).numpy(),
+        impostor_top=torch.sort(top.cpu(), descending=True).values.double().numpy(),
+        n_impostor=n_imp,
+        impostor_hist=hist.round().long().cpu().numpy(),
+    )
+
+
+def pair_scores(
+    a: np.ndarray, b: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray, chunk_size: int = 1 << 20,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+) -> np.ndarray:
+    """Cosine similarity of the listed pairs (a[idx_a[p]], b[idx_b[p]]) (e.g. IJB-C's 1:1 protocol)."""
+    a, b = _normalize(a, device, dtype), _normalize(b, device, dtype)
+    ia, ib = torch.as_tensor(np.asarray(idx_a)), torch.as_tensor(np.asarray(idx_b))
+    out = [(a[ia[i : i + chunk_size].to(device)] * b[ib[i : i + chunk_size].to(device)]).sum(1).cpu()
+           for i in range(0, len(ia), chunk_size)]
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+def stats_from_scores(scores: np.ndarray, genuine: np.ndarray, fmrs) -> ScoreStats:
+    """:class:`ScoreStats` of an explicit list of scores with genuine (True) / impostor labels."""
+    genuine = np.asarray(genuine, dtype=bool)
+    imp = torch.as_tensor(scores[~genuine])
+    k = min(k_needed(fmrs, len(imp)), len(imp))
+    return ScoreStats(
+        genuine=np.asarray(scores[genuine], dtype=np.float64),
+        genuine_pairs=None,
+        impostor_top=torch.topk(imp, k).values.numpy(),
+        n_impostor=len(imp),
+        impostor_hist=torch.histc(imp, HIST_BINS, -1, 1).round().long().numpy(),
+    )
+
+
+def erc_curve(
+    quality: np.ndarray, pairs: np.ndarray, false_nonmatch: np.ndarray, max_discard: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
+    """FNMR versus fraction of images discarded (paper Table III ERC; ISO/IEC 29794-1:2024 EDC).
+
+    ``quality`` [N] per image; ``pairs`` [G, 2] image indices of the genuine pairs;
+    ``false_nonmatch`` [G] whether each genuine score is <= the threshold fixed on all pairs.
+    For m = 0 .. floor(max_discard * N), images with quality below q_(m) (the (m+1)-th lowest)
+    are discarded and a pair is kept when min(q_a, q_b) >= q_(m). Returns the fractions m / N and
+    FNMR over the kept genuine pairs (NaN where none is left); one sort plus cumulative counts.
+    """
+    n = len(quality)
+    cut = np.sort(quality)[: math.floor(max_discard * n) + 1]
+    pq = np.minimum(quality[pairs[:, 0]], quality[pairs[:, 1]])
+    order = np.argsort(pq, kind="stable")
+    pq, fnm = pq[order], np.asarray(false_nonmatch, dtype=np.int64)[order]
+    errors_below = np.concatenate([[0], np.cumsum(fnm)])  # false non-matches among the i lowest pairs
+    first_kept = np.searchsorted(pq, cut, side="left")
+    kept = len(pq) - first_kept
+    errors = errors_below[-1] - errors_below[first_kept]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fnmr = np.where(kept > 0, errors / np.maximum(kept, 1), np.nan)
+    return np.arange(len(cut)) / n, fnmr
+
+
+def erc_area(fractions: np.ndarray, fnmr: np.ndarray, n_images: int, upto: float) -> float:
+    """Area under the ERC/EDC step curve (FNMR constant on [m/N, (m+1)/N)) over [0, upto].
+
+    ``upto`` = the curve's max_discard gives the Table III AUC; 0.2 the ISO/IEC 29794-1:2024
+    partial AUC. Not normalized: a flat FNMR x has area x * upto. NaN if FNMR is undefined there.
+    """
+    if upto > fractions[-1] + 1 / n_images + 1e-12:
+        raise ValueError(f"curve ends at {fractions[-1]:.3f}, cannot integrate up to {upto}")
+    width = np.clip(np.minimum(fractions + 1 / n_images, upto) - fractions, 0, None)
+    return float(np.sum(np.where(width > 0, fnmr, 0.0) * width))
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..N, ties get their average rank (as scipy.stats.rankdata)."""
+    _, inv, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inv.reshape(-1)]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (SC, paper Table III); NaN when either input is constant."""
+    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
+    den = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry / den) if den > 0 else math.nan
