@@ -1,6 +1,7 @@
 """evaluate.py's job: read templates / labels, run :mod:`transfira.evaluation`, write tables and plots."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,7 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
     check_pairs(*ev.count_pairs(subjects), path)
     stats = ev.all_vs_all_scores(feats, subjects, fmrs, cfg["chunk_size"], device=device, progress=True)
     thresholds = ev.fmr_thresholds(stats.impostor_top, stats.n_impostor, fmrs)
-    rows, curves = [], {}
+    rows, curves, warned = [], {}, False
     for fmr, thr in zip(fmrs, thresholds):
         fnm = stats.genuine <= thr
         for name, (q, target) in measures.items():
@@ -214,6 +215,11 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
             if not np.isnan(thr):
                 frac, fnmr = ev.erc_curve(q, stats.genuine_pairs, fnm, im["max_discard"])
                 curves.setdefault(fmr, {})[name] = (frac, fnmr)
+                if np.isnan(fnmr).any() and not warned:
+                    warned = True
+                    print(f"warning: {name}: no genuine pair is left after discarding "
+                          f"{frac[np.isnan(fnmr).argmax()]:.1%} of the images; AUCs beyond are n/a "
+                          "(lower [images] max_discard)", file=sys.stderr)
                 row.update(fnmr=fnmr[0], erc_auc=ev.erc_area(frac, fnmr, n, im["max_discard"]),
                            edc_pauc20=ev.erc_area(frac, fnmr, n, PAUC_UPTO))
             rows.append(row)

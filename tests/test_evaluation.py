@@ -1,0 +1,258 @@
+"""evaluate.py and transfira.evaluation against brute-force computations."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+
+from transfira import evaluation as ev
+from transfira.errors import TransfiraError
+from transfira.evaluation_job import load_evaluate_config, run
+from transfira.io import save_id_vectors
+
+ROOT = Path(__file__).resolve().parents[1]
+FMRS = [1e-1, 1e-2, 1e-3, 1e-6]
+
+
+def brute_tar(genuine, impostor, fmr):
+    """SPEC section 6 literally: k-th highest impostor score, genuine strictly above."""
+    k = math.floor(round(fmr * len(impostor), 6))
+    if k == 0:
+        return math.nan
+    thr = sorted(impostor, reverse=True)[k - 1]
+    return sum(g > thr for g in genuine) / len(genuine)
+
+
+def brute_pairs(x, subjects, probes=None, probe_subjects=None):
+    """All scores in float64 numpy: (genuine scores, genuine index pairs, impostor scores)."""
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    if probes is None:
+        i, j = np.triu_indices(len(x), 1)
+        s = (xn @ xn.T)[i, j]
+        same = subjects[i] == subjects[j]
+    else:
+        pn = probes / np.linalg.norm(probes, axis=1, keepdims=True)
+        i, j = np.indices((len(x), len(probes))).reshape(2, -1)
+        s = (xn @ pn.T).reshape(-1)
+        same = subjects[i] == probe_subjects[j]
+    return s[same], np.stack([i, j], 1)[same], s[~same]
+
+
+def test_tar_at_fmr_ties_and_unmeasurable():
+    impostor = np.array([0.9, 0.8, 0.8, 0.8, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    genuine = np.array([0.95, 0.8, 0.8, 0.85, 0.3])
+    fmrs = [0.3, 0.2, 0.1, 0.05]  # k = 3, 2, 1, 0
+    got = ev.tar_at_fmr(genuine, np.sort(impostor)[::-1], len(impostor), fmrs)
+    np.testing.assert_allclose(got[:3], [0.4, 0.4, 0.2])  # 0.8 ties at the threshold do not count
+    assert np.isnan(got[3])
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # heavy ties: scores on a coarse grid
+        imp = rng.integers(0, 30, rng.integers(1, 400)) / 30
+        gen = rng.integers(0, 30, rng.integers(1, 50)) / 30
+        fmrs = [0.5, 0.1, 0.01, 1e-3]
+        got = ev.tar_at_fmr(gen, np.sort(imp)[::-1], len(imp), fmrs)
+        np.testing.assert_equal(got, [brute_tar(gen, imp, f) for f in fmrs])
+
+
+def test_fmr_count_is_robust_to_float_representation():
+    assert ev.n_at_fmr(1e-3, 1000) == 1
+    assert ev.n_at_fmr(1e-4, 30000) == 3
+    assert ev.n_at_fmr(1e-6, 999_999) == 0
+
+
+@pytest.mark.parametrize("chunk", [7, 50, 1000])
+@pytest.mark.parametrize("cross", [False, True])
+def test_all_vs_all_equals_brute_force(chunk, cross):
+    rng = np.random.default_rng(1)
+    x, subj = rng.normal(size=(230, 8)), rng.integers(0, 25, 230)
+    kw = dict(probe_features=rng.normal(size=(90, 8)), probe_subjects=rng.integers(10, 40, 90)) if cross else {}
+    gen, gen_idx, imp = brute_pairs(x, subj, kw.get("probe_features"), kw.get("probe_subjects"))
+    st = ev.all_vs_all_scores(x, subj, FMRS, chunk, dtype=torch.float64, **kw)
+    order = np.lexsort(st.genuine_pairs.T[::-1])
+    np.testing.assert_array_equal(st.genuine_pairs[order], gen_idx)
+    np.testing.assert_allclose(st.genuine[order], gen, atol=1e-12)
+    assert st.n_impostor == len(imp) and st.impostor_hist.sum() == len(imp)
+    k = ev.k_needed(FMRS, len(imp))
+    np.testing.assert_allclose(st.impostor_top, np.sort(imp)[::-1][:k], atol=1e-12)
+    np.testing.assert_equal(ev.tar_at_fmr(st.genuine, st.impostor_top, st.n_impostor, FMRS),
+                            [brute_tar(gen, imp, f) for f in FMRS])
+    np.testing.assert_array_equal(st.impostor_hist, np.histogram(imp, ev.HIST_BINS, (-1, 1))[0])
+
+
+def test_float32_default_and_roc():
+    rng = np.random.default_rng(2)
+    x, subj = rng.normal(size=(300, 16)).astype(np.float32), rng.integers(0, 30, 300)
+    gen, _, imp = brute_pairs(x.astype(np.float64), subj)
+    st = ev.all_vs_all_scores(x, subj, FMRS, 64)
+    np.testing.assert_allclose(np.sort(st.genuine), np.sort(gen), atol=1e-5)
+    fmr, tar = ev.roc_curve(st)
+    assert np.all(np.diff(fmr) >= 0) and np.all(np.diff(tar) >= -1e-12)
+    assert fmr[0] == 1 / len(imp) and math.isclose(fmr[-1], 1.0)
+
+
+def test_pair_list_scores():
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(40, 8))
+    ia, ib, lab = rng.integers(0, 40, 500), rng.integers(0, 40, 500), rng.random(500) < 0.2
+    s = ev.pair_scores(v, v, ia, ib, chunk_size=64, dtype=torch.float64)
+    vn = v / np.linalg.norm(v, axis=1, keepdims=True)
+    np.testing.assert_allclose(s, (vn[ia] * vn[ib]).sum(1), atol=1e-12)
+    st = ev.stats_from_scores(s, lab, [0.1, 0.01])
+    np.testing.assert_equal(ev.tar_at_fmr(st.genuine, st.impostor_top, st.n_impostor, [0.1, 0.01]),
+                            [brute_tar(s[lab], s[~lab], f) for f in [0.1, 0.01]])
+
+
+def test_erc_against_rejection_loop():
+    rng = np.random.default_rng(4)
+    n = 120
+    q = rng.integers(0, 15, n) / 15  # ties in quality
+    pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n) if rng.random() < 0.05])
+    fnm = rng.random(len(pairs)) < 0.3
+    frac, fnmr = ev.erc_curve(q, pairs, fnm, 0.9)
+    assert len(frac) == math.floor(0.9 * n) + 1 and frac[0] == 0
+    for m in range(len(frac)):
+        cut = np.sort(q)[m]  # discard images below the (m+1)-th lowest quality
+        kept = [p for p, (a, b) in enumerate(pairs) if q[a] >= cut and q[b] >= cut]
+        want = fnm[kept].mean() if kept else np.nan
+        np.testing.assert_allclose(fnmr[m], want, atol=1e-12)
+    # step integral by brute force on a fine grid
+    for upto in (0.2, 0.9):
+        xs = (np.arange(200_000) + 0.5) / 200_000 * upto
+        assert math.isclose(ev.erc_area(frac, fnmr, n, upto), fnmr[np.floor(xs * n).astype(int)].mean() * upto,
+                            rel_tol=1e-3)
+
+
+def test_spearman_matches_scipy():
+    rng = np.random.default_rng(5)
+    for x, y in [(rng.normal(size=200), rng.normal(size=200)), (rng.integers(0, 5, 300), rng.integers(0, 7, 300))]:
+        assert math.isclose(ev.spearman(x, y), scipy.stats.spearmanr(x, y)[0], abs_tol=1e-12)
+    assert math.isnan(ev.spearman(np.ones(5), np.arange(5)))
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+def make_inputs(tmp: Path, n_templates: int = 120, n_images: int = 150) -> dict[str, Path]:
+    """Templates of 30 subjects (4 variants, better ones less noisy), a subjects CSV, a pair list,
+    and an image set with labels, features and predicted scores."""
+    rng = np.random.default_rng(6)
+    centers = rng.normal(size=(30, 32))
+    subj = np.arange(n_templates) % 30
+    ids = np.array([f"t{i:03d}" for i in range(n_templates)])
+    for noise, variant in zip([3.0, 2.5, 2.0, 1.5], ["baseline", "weight", "filter", "filter_weight"]):
+        save_id_vectors(tmp / f"templates_{variant}.npz", ids, centers[subj] + noise * rng.normal(size=(n_templates, 32)))
+    pd.DataFrame({"template_id": ids, "subject_id": subj}).to_csv(tmp / "subjects.csv", index=False)
+    a, b = np.triu_indices(n_templates, 1)
+    pd.DataFrame({"template_a": ids[a], "template_b": ids[b], "label": (subj[a] == subj[b]).astype(int)}).to_csv(
+        tmp / "pairs.csv", index=False)
+    isub = np.arange(n_images) % 30
+    noise = rng.uniform(0.5, 4, n_images)
+    feats = centers[isub] + noise[:, None] * rng.normal(size=(n_images, 32))
+    ccs = -noise / 4 + 0.05 * rng.normal(size=n_images)
+    pd.DataFrame({"path": [f"img{i}.jpg" for i in range(n_images)], "subject_id": isub, "ccs": ccs,
+                  "nnccs": 0.1, "ccas": ccs - 0.1, "serfiq": rng.random(n_images)}).to_csv(tmp / "labels.csv", index=False)
+    np.save(tmp / "feats.npy", feats.astype(np.float32))
+    np.save(tmp / "pred_ccs.npy", (ccs + 0.1 * rng.normal(size=n_images)).astype(np.float32))
+    np.save(tmp / "pred_ccas.npy", (ccs - 0.1 + 0.1 * rng.normal(size=n_images)).astype(np.float32))
+    return {"dir": tmp}
+
+
+def write_config(tmp: Path, pairs: str, images: bool = True, extra: str = "", outdir: str = "out") -> Path:
+    variants = "\n".join(f"{v} = '{tmp}/templates_{v}.npz'" for v in ["baseline", "weight", "filter", "filter_weight"])
+    img = (f"[images]\nlabels = '{tmp}/labels.csv'\nfeatures = '{tmp}/feats.npy'\nccs = '{tmp}/pred_ccs.npy'\n"
+           f"ccas = '{tmp}/pred_ccas.npy'\nquality_columns = ['serfiq']\nmax_discard = 0.6\n") if images else ""
+    text = (f"outdir = '{tmp}/{outdir}'\nfmr = [1e-2, 1e-3, 1e-4, 1e-6]\nchunk_size = 40\n{extra}\n"
+            f"[templates]\n{variants}\n[pairs]\n{pairs}\n{img}")
+    path = tmp / "evaluate.toml"
+    path.write_text(text)
+    return path
+
+
+def run_script(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--config", str(config)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_end_to_end_all_vs_all(tmp_path):
+    make_inputs(tmp_path)
+    proc = run_script(write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'"))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "out"
+    for name in ["results.md", "results.csv", "roc.png", "image_results.csv", "erc_fmr1e-2.png", "erc_fmr1e-3.png"]:
+        assert (out / name).stat().st_size > 0, name
+    res = pd.read_csv(out / "results.csv")
+    assert list(res.columns[:3]) == ["variant", "fmr", "tar"] and len(res) == 16
+    assert res.tar[res.fmr == 1e-6].isna().all() and res.tar[res.fmr == 1e-2].notna().all()  # 7080 impostors
+    md = (out / "results.md").read_text()
+    assert "| filter_weight |" in md and "n/a" in md
+    tar = res.set_index(["variant", "fmr"]).tar
+    assert tar["filter_weight", 1e-2] > tar["baseline", 1e-2]
+    img = pd.read_csv(out / "image_results.csv")
+    assert set(img.measure) == {"predicted CCS", "predicted CCAS", "serfiq", "ideal (true CCS)"}
+    row = img[(img.measure == "predicted CCS") & (img.fmr == 1e-2)].iloc[0]
+    assert row.sc > 0.5 and 0 <= row.edc_pauc20 <= 0.2 and row.erc_auc > row.edc_pauc20
+    assert img.erc_auc[img.fmr == 1e-6].isna().all()
+
+
+def test_pair_list_mode_matches_all_vs_all(tmp_path):
+    make_inputs(tmp_path)
+    for mode, pairs in [("list", f"path = '{tmp_path}/pairs.csv'"), ("all", f"subjects = '{tmp_path}/subjects.csv'")]:
+        run(load_evaluate_config(write_config(tmp_path, pairs, images=False, outdir=mode)))
+    a, b = pd.read_csv(tmp_path / "list" / "results.csv"), pd.read_csv(tmp_path / "all" / "results.csv")
+    pd.testing.assert_series_equal(a.tar, b.tar)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing_column", "missing column(s) 'label' (present: template_a, template_b)"),
+    ("missing_template", "template id(s) from"),
+])
+def test_bad_input_cli(tmp_path, case, pattern):
+    make_inputs(tmp_path)
+    if case == "missing_column":
+        pd.read_csv(tmp_path / "pairs.csv").drop(columns="label").to_csv(tmp_path / "pairs.csv", index=False)
+    else:
+        pairs = pd.read_csv(tmp_path / "pairs.csv")
+        pairs.loc[3, "template_b"] = "nobody"
+        pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    proc = run_script(write_config(tmp_path, f"path = '{tmp_path}/pairs.csv'", images=False))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0]
+    assert ("pairs.csv" if case == "missing_column" else "templates_baseline.npz: 1 template id(s)") in lines[0]
+    if case == "missing_template":
+        assert "nobody" in lines[0]
+
+
+@pytest.mark.parametrize("pairs, edit, pattern", [
+    ("subjects", lambda d: d.assign(subject_id=np.arange(len(d))), "0 genuine"),
+    ("subjects", lambda d: d.assign(subject_id=0), "0 impostor"),
+    ("path", lambda d: d.iloc[:0], "no rows"),
+    ("path", lambda d: d.assign(label=2), "column 'label' must be 1"),
+    ("subjects", lambda d: d.rename(columns={"subject_id": "subject"}), "missing column(s) 'subject_id'"),
+])
+def test_bad_input_errors(tmp_path, pairs, edit, pattern):
+    make_inputs(tmp_path)
+    csv = tmp_path / ("subjects.csv" if pairs == "subjects" else "pairs.csv")
+    edit(pd.read_csv(csv)).to_csv(csv, index=False)
+    cfg = load_evaluate_config(write_config(tmp_path, f"{pairs} = '{csv}'", images=False))
+    with pytest.raises(TransfiraError, match=pattern.replace("(", r"\(").replace(")", r"\)")):
+        run(cfg)
+
+
+def test_config_errors(tmp_path):
+    make_inputs(tmp_path)
+    with pytest.raises(TransfiraError, match="exactly one"):
+        run(load_evaluate_config(write_config(tmp_path, f"path = 'a.csv'\nsubjects = 'b.csv'", images=False)))
+    with pytest.raises(TransfiraError, match="did you mean 'fmr'"):
+        load_evaluate_config(write_config(tmp_path, "", extra="fmrs = [1e-3]"))
+    cfg_path = write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'")
+    np.save(tmp_path / "pred_ccs.npy", np.zeros(3))
+    with pytest.raises(TransfiraError, match="pred_ccs.npy: predicted ccs has shape"):
+        run(load_evaluate_config(cfg_path))

@@ -1,0 +1,117 @@
+"""Recognizability labels in the encoder's embedding space (paper eq. 2-6).
+
+All functions take numpy arrays (or memory-mapped ``.npy``) and return float32 numpy
+arrays; the work is done in torch, in row chunks, on the GPU when one is given, so peak
+memory is bounded by the chunk size, not by N x C.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from .errors import TransfiraError
+
+CR_EPS = 1e-9
+CHUNK_BYTES = 256 * 2**20  # similarity block size per chunk
+
+
+def _rows_per_chunk(width: int, chunk_size: int | None) -> int:
+    return chunk_size or max(1, CHUNK_BYTES // (4 * max(width, 1)))
+
+
+def _as_tensor(block: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(block), dtype=torch.float32).to(device)
+
+
+def class_index(ids: np.ndarray, center_ids: np.ndarray, what: str = "identity") -> np.ndarray:
+    """Position of each of ``ids`` in ``center_ids``; unknown ids raise, listing them."""
+    index = pd.Index(center_ids).get_indexer(pd.Index(ids))
+    if (index < 0).any():
+        missing = pd.unique(np.asarray(ids)[index < 0])
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise TransfiraError(f"{len(missing)} {what}(s) have no class center: {shown}")
+    return index
+
+
+def class_centers(features: np.ndarray, ids: np.ndarray, normalize: bool = False, chunk_size: int | None = None,
+                  device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Class centers ``mu_c`` = mean of the embeddings of each identity (eq. 2/3).
+
+    With ``normalize`` the embeddings are L2-normalized before averaging (the reference
+    averages raw embeddings, the default). Returns ``(center_ids, centers)``, ids sorted.
+    """
+    features, ids = _check_inputs(features, ids)
+    center_ids, inverse = np.unique(ids, return_inverse=True)
+    sums = torch.zeros(len(center_ids), features.shape[1], dtype=torch.float64, device=device)
+    index = torch.as_tensor(inverse.reshape(-1), device=device)
+    step = chunk_size or 65536
+    for start in range(0, len(features), step):
+        block = _as_tensor(features[start:start + step], device)
+        if normalize:
+            block = F.normalize(block, dim=1)
+        sums.index_add_(0, index[start:start + step], block.double())
+    counts = torch.bincount(index, minlength=len(center_ids)).double()
+    return center_ids, (sums / counts[:, None]).float().cpu().numpy()
+
+
+def center_similarities(features: np.ndarray, ids: np.ndarray, center_ids: np.ndarray, centers: np.ndarray,
+                        leave_one_out: bool = False, counts: np.ndarray | None = None, normalize: bool = False,
+                        chunk_size: int | None = None, device: torch.device | str = "cpu"
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """``CCS_i = cos(z_i, mu_{y_i})`` (eq. 4) and ``NNCCS_i = max_{j != y_i} cos(z_i, mu_j)`` (eq. 5).
+
+    With ``leave_one_out`` the own center excludes image i: ``(n mu - z_i) / (n - 1)``;
+    this needs ``counts`` (images per center) and the same ``normalize`` flag as
+    :func:`class_centers`, and every identity must have at least two images.
+    """
+    features, ids = _check_inputs(features, ids)
+    centers = np.asarray(centers, dtype=np.float32)
+    if len(center_ids) < 2:
+        raise TransfiraError(f"NNCCS needs at least two identities, found {len(center_ids)}")
+    if centers.shape != (len(center_ids), features.shape[1]):
+        raise TransfiraError(f"centers have shape {centers.shape}, expected ({len(center_ids)}, {features.shape[1]})")
+    own_all = class_index(ids, center_ids)
+    if leave_one_out:
+        counts = np.asarray(counts)
+        single = np.asarray(center_ids)[counts < 2]
+        if len(single):
+            raise TransfiraError(f"leave-one-out centers need two images per identity; these have one: "
+                                 f"{', '.join(map(str, single[:10]))}{' ...' if len(single) > 10 else ''}")
+    mu = _as_tensor(centers, device)
+    mu_unit = F.normalize(mu, dim=1)
+    sums = mu * torch.as_tensor(counts, dtype=torch.float32, device=device)[:, None] if leave_one_out else None
+    ccs = np.empty(len(features), np.float32)
+    nnccs = np.empty(len(features), np.float32)
+    step = _rows_per_chunk(len(center_ids), chunk_size)
+    for start in range(0, len(features), step):
+        z = _as_tensor(features[start:start + step], device)
+        z_unit = F.normalize(z, dim=1)
+        own = torch.as_tensor(own_all[start:start + step], device=device)[:, None]
+        sims = z_unit @ mu_unit.T
+        if leave_one_out:
+            own_center = sums[own[:, 0]] - (z_unit if normalize else z)
+            ccs_block = F.cosine_similarity(z, own_center, dim=1, eps=1e-12)
+        else:
+            ccs_block = sims.gather(1, own)[:, 0]
+        sims.scatter_(1, own, -torch.inf)
+        ccs[start:start + len(z)] = ccs_block.cpu().numpy()
+        nnccs[start:start + len(z)] = sims.amax(1).cpu().numpy()
+    return ccs, nnccs
+
+
+def certainty_ratio(ccs: np.ndarray, nnccs: np.ndarray, eps: float = CR_EPS) -> np.ndarray:
+    """CR-FIQA's certainty ratio ``CCS / (NNCCS + 1 + eps)``."""
+    return (np.asarray(ccs, np.float32) / (np.asarray(nnccs, np.float32) + 1.0 + eps)).astype(np.float32)
+
+
+def _check_inputs(features: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids)
+    if features.ndim != 2:
+        raise TransfiraError(f"features must be [N, D], got shape {features.shape}")
+    if len(ids) != len(features):
+        raise TransfiraError(f"{len(features)} feature rows but {len(ids)} identity labels")
+    if len(ids) == 0:
+        raise TransfiraError("no images")
+    return features, ids
