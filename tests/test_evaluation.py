@@ -67,7 +67,7 @@ def test_fmr_count_is_robust_to_float_representation():
     assert ev.n_at_fmr(1e-6, 999_999) == 0
 
 
-@pytest.mark.parametrize("chunk", [7, 50, 1000])
+@pytest.mark.parametrize("chunk", [13, 50, 1000])
 @pytest.mark.parametrize("cross", [False, True])
 def test_all_vs_all_equals_brute_force(chunk, cross):
     rng = np.random.default_rng(1)
