@@ -1,7 +1,7 @@
 """Throughput and peak memory of the streaming all-vs-all verification (transfira.evaluation).
 
     python benchmarks/bench_evaluate.py                 # 5k and 20k templates x 512-D, fresh process each
-    python benchmarks/bench_evaluate.py --single 20000 --chunk 2048
+    python benchmarks/bench_evaluate.py --single 20000 --chunks 4096
 
 Peak memory is the process's max RSS (resource.getrusage; torch allocations are invisible to
 tracemalloc), reported in total and above the RSS after the inputs were built.
@@ -57,7 +57,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--single", type=int, help="run one size in this process and print JSON")
     p.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
-    p.add_argument("--chunks", type=int, nargs="+", default=[4096])
+    p.add_argument("--chunks", type=int, nargs="+", default=[2048])
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--per-subject", type=int, default=4, help="templates per subject")
     args = p.parse_args()

@@ -104,8 +104,8 @@ def _normalize(x, device, dtype) -> torch.Tensor:
 
 def _codes(*labels: np.ndarray) -> list[torch.Tensor]:
     """Integer codes of labels shared across the given arrays."""
-    _, inv = np.unique(np.concatenate([np.asarray(l).astype(str) for l in labels]), return_inverse=True)
-    splits = np.cumsum([len(l) for l in labels])[:-1]
+    _, inv = np.unique(np.concatenate([np.asarray(lab).astype(str) for lab in labels]), return_inverse=True)
+    splits = np.cumsum([len(lab) for lab in labels])[:-1]
     return [torch.from_numpy(c.astype(np.int64)) for c in np.split(inv.reshape(-1), splits)]
 
 
@@ -126,20 +126,21 @@ def all_vs_all_scores(
     features: np.ndarray,
     subjects: np.ndarray,
     fmrs,
-    chunk_size: int = 4096,
+    chunk_size: int = 2048,
     *,
     probe_features: np.ndarray | None = None,
     probe_subjects: np.ndarray | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> ScoreStats:
     """Cosine scores of all pairs i < j of ``features`` (or all gallery x probe pairs), streamed.
 
     Pairs with equal subject are genuine, all others impostor. Works through blocks of
     ``chunk_size`` x ``chunk_size`` scores (memory O(chunk_size^2 + G + k_max)); keeps every
     genuine score with its indices (``genuine_pairs[:, 1]`` indexes the probes when given), the
-    top floor(max(fmrs) * N_impostor) impostor scores and an impostor histogram.
+    top floor(max(fmrs) * N_impostor) impostor scores and an impostor histogram. ``progress``:
+    show a tqdm bar over blocks (a string names it).
     """
     cross = probe_features is not None
     if cross != (probe_subjects is not None):
@@ -154,14 +155,15 @@ def all_vs_all_scores(
     gen, gen_idx, top = [], [], torch.empty(0, device=device, dtype=dtype)
     thr = torch.tensor(-math.inf, device=device, dtype=dtype)
     hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
-    for i, j in tqdm(blocks, desc="scoring", unit="block", disable=not progress):
+    for i, j in tqdm(blocks, desc=progress if isinstance(progress, str) else "scoring", unit="block",
+                     disable=not progress):
         s = a[i : i + chunk_size] @ b[j : j + chunk_size].T
         same = la[i : i + chunk_size, None] == lb[None, j : j + chunk_size]
         if not cross and i == j:  # diagonal block: only pairs i < j; NaN drops out of histc and ">"
             lower = torch.ones_like(same).tril_()
             s.masked_fill_(lower, math.nan)
             same &= ~lower
-        g = s[same]
+        g = s[same]  # histc counts in the input dtype: exact per block up to 2^24 (float32) per bin
         hist += torch.histc(s, HIST_BINS, -1, 1).double() - torch.histc(g, HIST_BINS, -1, 1).double()
         gen.append(g.cpu())
         gen_idx.append((same.nonzero() + torch.tensor([i, j], device=device)).cpu())

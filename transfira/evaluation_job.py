@@ -18,7 +18,7 @@ SCHEMA: dict[str, Any] = {
     "outdir": "output/evaluation/",
     "fmr": [1e-3, 1e-4, 1e-5, 1e-6],
     "allow_pickle": False,
-    "chunk_size": 4096,
+    "chunk_size": 2048,
     "device": "auto",
     "pairs": {
         "path": "",  # CSV template_a,template_b,label (1 genuine, 0 impostor)
@@ -157,12 +157,12 @@ def verification(cfg: dict, device: torch.device) -> tuple[dict[str, ev.ScoreSta
         elif mode == "subjects":
             rows = index_of(ids, subj[ic], path, pc["subjects"])
             out[variant] = ev.all_vs_all_scores(vectors[rows], subj[lc].to_numpy(), fmrs, chunk,
-                                                device=device, progress=True)
+                                                device=device, progress=f"{variant} all-vs-all")
         else:
             g, p = index_of(ids, gal[ic], path, pc["gallery"]), index_of(ids, prb[ic], path, pc["probes"])
             out[variant] = ev.all_vs_all_scores(vectors[g], gal[lc].to_numpy(), fmrs, chunk, device=device,
                                                 probe_features=vectors[p], probe_subjects=prb[lc].to_numpy(),
-                                                progress=True)
+                                                progress=f"{variant} gallery x probes")
     return out, source
 
 
@@ -203,7 +203,8 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
 
     subjects = labels[im["label_col_name"]].to_numpy()
     check_pairs(*ev.count_pairs(subjects), path)
-    stats = ev.all_vs_all_scores(feats, subjects, fmrs, cfg["chunk_size"], device=device, progress=True)
+    stats = ev.all_vs_all_scores(feats, subjects, fmrs, cfg["chunk_size"], device=device,
+                                  progress="image pairs")
     thresholds = ev.fmr_thresholds(stats.impostor_top, stats.n_impostor, fmrs)
     rows, curves, warned = [], {}, False
     for fmr, thr in zip(fmrs, thresholds):
