@@ -209,25 +209,25 @@ def test_pair_list_mode_matches_all_vs_all(tmp_path):
     pd.testing.assert_series_equal(a.tar, b.tar)
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("missing_column", "missing column(s) 'label' (present: template_a, template_b)"),
-    ("missing_template", "template id(s) from"),
-])
-def test_bad_input_cli(tmp_path, case, pattern):
+def test_bad_input_cli(tmp_path):
+    """One-line 'error: ...' on stderr, non-zero exit, naming the file and the missing column."""
     make_inputs(tmp_path)
-    if case == "missing_column":
-        pd.read_csv(tmp_path / "pairs.csv").drop(columns="label").to_csv(tmp_path / "pairs.csv", index=False)
-    else:
-        pairs = pd.read_csv(tmp_path / "pairs.csv")
-        pairs.loc[3, "template_b"] = "nobody"
-        pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    pd.read_csv(tmp_path / "pairs.csv").drop(columns="label").to_csv(tmp_path / "pairs.csv", index=False)
     proc = run_script(write_config(tmp_path, f"path = '{tmp_path}/pairs.csv'", images=False))
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and pattern in lines[0]
-    assert ("pairs.csv" if case == "missing_column" else "templates_baseline.npz: 1 template id(s)") in lines[0]
-    if case == "missing_template":
-        assert "nobody" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "pairs.csv" in lines[0]
+    assert "missing column(s) 'label' (present: template_a, template_b)" in lines[0]
+
+
+def test_missing_template_ids(tmp_path):
+    make_inputs(tmp_path)
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    pairs.loc[3, "template_b"] = "nobody"
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    cfg = load_evaluate_config(write_config(tmp_path, f"path = '{tmp_path}/pairs.csv'", images=False))
+    with pytest.raises(TransfiraError, match=r"templates_baseline.npz: 1 template id\(s\) from .*pairs.csv .*nobody"):
+        run(cfg)
 
 
 @pytest.mark.parametrize("pairs, edit, pattern", [
@@ -256,3 +256,14 @@ def test_config_errors(tmp_path):
     np.save(tmp_path / "pred_ccs.npy", np.zeros(3))
     with pytest.raises(TransfiraError, match="pred_ccs.npy: predicted ccs has shape"):
         run(load_evaluate_config(cfg_path))
+
+
+def test_gallery_probe_mode(tmp_path):
+    make_inputs(tmp_path)
+    subj = pd.read_csv(tmp_path / "subjects.csv")
+    subj.iloc[:60].to_csv(tmp_path / "gallery.csv", index=False)
+    subj.iloc[60:].to_csv(tmp_path / "probes.csv", index=False)
+    run(load_evaluate_config(write_config(
+        tmp_path, f"gallery = '{tmp_path}/gallery.csv'\nprobes = '{tmp_path}/probes.csv'", images=False)))
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "120 genuine, 3480 impostor" in md  # 60 x 60 pairs; 30 subjects with 2 gallery x 2 probes each

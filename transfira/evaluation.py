@@ -185,7 +185,7 @@ def all_vs_all_scores(
 
 
 def pair_scores(
-    a: np.ndarray, b: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray, chunk_size: int = 1 << 20,
+    a: np.ndarray, b: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray, chunk_size: int = 1 << 16,
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
 ) -> np.ndarray:
     """Cosine similarity of the listed pairs (a[idx_a[p]], b[idx_b[p]]) (e.g. IJB-C's 1:1 protocol)."""
