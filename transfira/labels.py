@@ -22,7 +22,7 @@ def _rows_per_chunk(width: int, chunk_size: int | None) -> int:
 
 
 def _as_tensor(block: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(block), dtype=torch.float32).to(device)
+    return torch.from_numpy(np.array(block, dtype=np.float32)).to(device)  # copy: memmaps are read-only
 
 
 def class_index(ids: np.ndarray, center_ids: np.ndarray, what: str = "identity") -> np.ndarray:
