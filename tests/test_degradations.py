@@ -1,0 +1,142 @@
+"""transfira.degradations: identity at severity 0, shape/mode, determinism, monotone effect, errors."""
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transfira.degradations import DEGRADATIONS, blur, degrade, downscale, jpeg, lighting, noise, occlusion
+
+KINDS = sorted(DEGRADATIONS)
+SEVERITIES = (0.25, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def face() -> Image.Image:
+    """A 112x96 RGB test card: smooth gradients plus fine random texture (high and low frequencies)."""
+    rng = np.random.default_rng(7)
+    h, w = 112, 96
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 160 + 40, y / h * 160 + 40, (x + y) / (w + h) * 120 + 60], axis=-1)
+    texture = rng.normal(0, 25, (h, w, 3))
+    return Image.fromarray(np.clip(base + texture, 0, 255).astype(np.uint8), "RGB")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def high_freq(image: Image.Image) -> float:
+    """Mean absolute difference of neighbouring pixels (a high-frequency energy measure)."""
+    a = pixels(image)
+    return float(np.abs(np.diff(a, axis=0)).mean() + np.abs(np.diff(a, axis=1)).mean())
+
+
+def mse(a: Image.Image, b: Image.Image) -> float:
+    return float(((pixels(a) - pixels(b)) ** 2).mean())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_severity_zero_is_identity_copy(face, kind):
+    for out in (DEGRADATIONS[kind](face, 0.0, 3), degrade(face, kind, 0.0, 3)):
+        assert out is not face
+        assert out.size == face.size and out.mode == face.mode
+        np.testing.assert_array_equal(pixels(out), pixels(face))
+
+
+def test_none_is_a_copy(face):
+    out = degrade(face, "none", 0.9, 1)
+    assert out is not face
+    np.testing.assert_array_equal(pixels(out), pixels(face))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("severity", SEVERITIES)
+def test_size_and_mode_preserved_and_changed(face, kind, severity):
+    out = degrade(face, kind, severity, 5)
+    assert out.size == face.size
+    assert out.mode == "RGB"
+    assert mse(out, face) > 0, f"{kind} at severity {severity} left the image unchanged"
+
+
+def test_grey_input_becomes_rgb(face):
+    out = degrade(face.convert("L"), "blur", 0.5, 0)
+    assert out.mode == "RGB" and out.size == face.size
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deterministic_with_seed(face, kind):
+    a = degrade(face, kind, 0.7, 123)
+    b = degrade(face, kind, 0.7, 123)
+    np.testing.assert_array_equal(pixels(a), pixels(b))
+    np.testing.assert_array_equal(pixels(face), pixels(degrade(face, "none", 0, 0)))  # input untouched
+
+
+def test_seed_matters_for_random_kinds(face):
+    assert mse(noise(face, 0.5, 1), noise(face, 0.5, 2)) > 0
+    boxes = {pixels(occlusion(face, 0.3, s)).tobytes() for s in range(5)}
+    assert len(boxes) > 1
+    directions = {np.sign(pixels(lighting(face, 0.8, s)).mean() - pixels(face).mean()) for s in range(20)}
+    assert directions == {-1.0, 1.0}, "lighting should both darken and brighten depending on the seed"
+
+
+@pytest.mark.parametrize("func", [blur, downscale], ids=["blur", "downscale"])
+def test_blur_and_downscale_remove_more_detail_at_higher_severity(face, func):
+    energy = [high_freq(face)] + [high_freq(func(face, s, 0)) for s in SEVERITIES]
+    assert all(a > b for a, b in zip(energy, energy[1:])), energy
+    assert energy[-1] < 0.5 * energy[0]
+
+
+def test_occlusion_area_grows_with_severity(face):
+    w, h = face.size
+    for seed in range(4):
+        areas = []
+        for s in (0.1, 0.3, 0.6, 1.0):
+            changed = np.any(pixels(occlusion(face, s, seed)) != pixels(face), axis=-1)
+            areas.append(changed.mean())
+            assert changed.mean() == pytest.approx(0.6 * s, rel=0.15, abs=2.5 / min(w, h))
+            rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+            # one solid rectangle: every pixel inside its bounding box changed (up to texture ties)
+            assert changed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].mean() > 0.95
+        assert all(a < b for a, b in zip(areas, areas[1:])), areas
+
+
+def test_jpeg_quality_drops_with_severity(face):
+    errors = [mse(jpeg(face, s, 0), face) for s in (0.1, 0.4, 0.7, 1.0)]
+    assert all(a < b for a, b in zip(errors, errors[1:])), errors
+    # severity 1 is quality 3: the same bytes as PIL's own encoder at that quality
+    buffer = io.BytesIO()
+    face.save(buffer, format="JPEG", quality=3)
+    np.testing.assert_array_equal(pixels(jpeg(face, 1.0, 0)), pixels(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+
+
+def test_noise_sigma_follows_severity():
+    grey = Image.new("RGB", (96, 96), (128, 128, 128))
+    sigmas = [float((pixels(noise(grey, s, 0)) - 128).std()) for s in (0.1, 0.3, 0.5)]
+    assert sigmas == pytest.approx([8, 24, 40], rel=0.1)  # 80 * severity, little clipping at mid grey
+
+
+def test_lighting_contrast_drops_with_severity(face):
+    for seed in range(6):
+        contrast = [pixels(face).std()] + [pixels(lighting(face, s, seed)).std() for s in SEVERITIES]
+        assert all(a > b for a, b in zip(contrast, contrast[1:])), (seed, contrast)
+    # the under-exposed direction gets darker with severity (the over-exposed one is not monotone
+    # in brightness: the contrast loss pulls mid-tones back down at high severity)
+    dark = next(s for s in range(20) if pixels(lighting(face, 0.5, s)).mean() < pixels(face).mean())
+    means = [pixels(face).mean()] + [pixels(lighting(face, s, dark)).mean() for s in SEVERITIES]
+    assert all(a > b for a, b in zip(means, means[1:])), means
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("severity", [-0.01, 1.01, 5, math.nan, math.inf])
+def test_bad_severity_raises(face, kind, severity):
+    with pytest.raises(ValueError, match="severity"):
+        degrade(face, kind, severity, 0)
+
+
+def test_unknown_kind_raises(face):
+    with pytest.raises(ValueError, match="unknown degradation 'smudge'"):
+        degrade(face, "smudge", 0.5, 0)
