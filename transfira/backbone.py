@@ -1,6 +1,7 @@
 """Backbone loading: an ONNX face encoder converted to a trainable torch module (SPEC §4)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,11 +36,14 @@ def load_backbone(backbone_type: str, model_path: str | Path) -> nn.Module:
 
 
 def onnx_to_torch(model_path: Path) -> nn.Module:
-    """Convert with onnx2torch and turn weight buffers into parameters.
+    """Convert with onnx2torch, then make every float initializer a weight of its own.
 
-    onnx2torch keeps graph initializers it cannot attach to a layer (e.g. PReLU slopes,
-    weights reached through ``Identity`` nodes) as buffers of an ``initializers`` module;
-    those are weights of the encoder and must train with it.
+    onnx2torch keeps graph initializers it cannot attach to a layer (PReLU slopes, weights
+    reached through ``Identity`` nodes, BatchNormalization inputs) as buffers of an
+    ``initializers`` module. :func:`untie_aliased_initializers` gives each aliased tensor its
+    own copy, :func:`make_initializers_trainable` turns the buffers into parameters (keeping
+    BatchNorm running statistics as buffers); :func:`untrainable_initializers` then checks
+    that nothing was left behind, and a warning names what was.
     """
     import onnx
     from onnx2torch import convert
@@ -52,19 +56,128 @@ def onnx_to_torch(model_path: Path) -> nn.Module:
         net = convert(graph)
     except Exception as err:  # noqa: BLE001
         raise TransfiraError(f"{model_path}: onnx2torch cannot convert this model: {err}") from None
-    make_buffers_trainable(net)
+    untie_aliased_initializers(net)
+    make_initializers_trainable(net)
+    missing = untrainable_initializers(graph, net)
+    if missing:
+        warnings.warn(f"{model_path}: {missing} of {onnx_weight_count(graph)} encoder weights are not trainable "
+                      "after conversion (onnx2torch turned them into constants)", stacklevel=2)
     return net
 
 
-def make_buffers_trainable(net: nn.Module) -> None:
-    """Register every floating-point buffer of ``net.initializers`` as a parameter."""
+def _is_initializer(node) -> bool:
+    """Whether an fx node reads a tensor of onnx2torch's ``initializers`` container."""
+    return getattr(node, "op", None) == "get_attr" and str(node.target).startswith("initializers.")
+
+
+def untie_aliased_initializers(net: nn.Module) -> dict[str, str]:
+    """Read weights aliased through ``Identity`` nodes directly; give each use its own tensor.
+
+    The TorchScript exporter deduplicates initializers with equal values (BatchNorm weights
+    and running variances are all ones in a freshly initialized network) and re-creates the
+    other names with ``Identity`` nodes. onnx2torch turns those into clones of a buffer, so
+    gradients and BatchNorm running-statistic updates would be lost in the copy. Here each
+    ``Identity(initializer)`` is bypassed (onnx2torch already stores one buffer per use, so
+    state-dict keys stay those of a plain conversion). A buffer that still feeds several
+    nodes is cloned per extra use as ``initializers.untied_<n>``; the returned mapping
+    ``{copy key: source key}`` is also kept as ``net.transfira_untied`` so checkpoints written
+    without the copies still load (see :mod:`transfira.checkpoint`).
+    """
+    from onnx2torch.node_converters.identity import OnnxCopyIdentity
+
+    aliases: dict[str, str] = {}
+    graph, holder = getattr(net, "graph", None), getattr(net, "initializers", None)
+    if graph is None or holder is None:
+        return aliases
+    changed = False
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and isinstance(net.get_submodule(node.target), OnnxCopyIdentity)
+                and len(node.args) == 1 and _is_initializer(node.args[0])):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            changed = True
+    for node in list(graph.nodes):
+        if not _is_initializer(node):
+            continue
+        source = getattr(holder, str(node.target).split(".", 1)[1])
+        for user in list(node.users)[1:]:
+            name = f"untied_{len(aliases)}"
+            holder.register_buffer(name, source.detach().clone())
+            with graph.inserting_before(user):
+                copy = graph.get_attr(f"initializers.{name}")
+            user.replace_input_with(node, copy)
+            aliases[f"initializers.{name}"] = str(node.target)
+            changed = True
+    if changed:
+        graph.eliminate_dead_code()
+        used = {str(n.target).split(".", 1)[1] for n in graph.nodes if _is_initializer(n)}
+        for name, _ in list(holder.named_buffers(recurse=False)):
+            if name not in used:
+                delattr(holder, name)
+        net.delete_all_unused_submodules()
+        net.recompile()
+    net.transfira_untied = aliases
+    return aliases
+
+
+def _running_stat_keys(net: nn.Module) -> set[str]:
+    """``initializers.*`` keys fed to onnx2torch's functional BatchNorm as running mean/variance."""
+    from onnx2torch.node_converters.batch_norm import OnnxBatchNorm
+
+    keys: set[str] = set()
+    for node in getattr(getattr(net, "graph", None), "nodes", ()):
+        if node.op == "call_module" and isinstance(net.get_submodule(node.target), OnnxBatchNorm):
+            for arg in node.args[3:5]:
+                if _is_initializer(arg):
+                    keys.add(str(arg.target))
+    return keys
+
+
+def make_initializers_trainable(net: nn.Module) -> None:
+    """Register every float buffer of ``net.initializers`` as a parameter, except BatchNorm running stats."""
     holder = getattr(net, "initializers", None)
     if holder is None:
         return
+    stats = _running_stat_keys(net)
     for name, buf in list(holder.named_buffers(recurse=False)):
-        if buf.is_floating_point():
+        if buf.is_floating_point() and f"initializers.{name}" not in stats:
             delattr(holder, name)
             holder.register_parameter(name, nn.Parameter(buf.detach().clone()))
+
+
+make_buffers_trainable = make_initializers_trainable  # earlier name
+
+
+def onnx_weight_count(onnx_model) -> int:
+    """Float numbers of the encoder's weights: initializers plus their ``Identity`` aliases."""
+    from onnx import numpy_helper
+
+    sizes = {i.name: numpy_helper.to_array(i).size for i in onnx_model.graph.initializer
+             if numpy_helper.to_array(i).dtype.kind == "f"}
+    total = sum(sizes.values())
+    for node in onnx_model.graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in sizes:
+            sizes[node.output[0]] = sizes[node.input[0]]
+            total += sizes[node.input[0]]
+    return total
+
+
+def trainable_weight_count(net: nn.Module) -> int:
+    """Float numbers held as parameters or as BatchNorm running statistics."""
+    stats = _running_stat_keys(net)
+    count = sum(p.numel() for p in net.parameters())
+    for key, buf in net.named_buffers():
+        if buf.is_floating_point() and (key in stats or key.rsplit(".", 1)[-1] in ("running_mean", "running_var")):
+            count += buf.numel()
+    return count
+
+
+def untrainable_initializers(onnx_model, net: nn.Module) -> int:
+    """How many float weights of ``onnx_model`` did not become parameters (or BN running stats) of ``net``.
+
+    Zero means the converted encoder trains end to end with all of its weights (SPEC §4).
+    """
+    return max(0, onnx_weight_count(onnx_model) - trainable_weight_count(net))
 
 
 @torch.inference_mode()

@@ -1,11 +1,12 @@
 """The recognizability predictor: encoder plus CCS and CCAS regression heads (SPEC §4)."""
 from __future__ import annotations
 
-from torch import nn
 import torch
+from torch import nn
 
 
 def _head(embedding_size: int, hidden: int) -> nn.Module:
+    """``embedding_size -> 1`` linear (default), or with a ReLU hidden layer; Xavier-uniform, zero bias."""
     if hidden <= 0:
         layer = nn.Linear(embedding_size, 1)
         nn.init.xavier_uniform_(layer.weight)
@@ -21,8 +22,11 @@ def _head(embedding_size: int, hidden: int) -> nn.Module:
 class RecognizabilityPredictionNetwork(nn.Module):
     """``backbone`` followed by two heads; ``forward`` returns ``(ccs, ccas)``, each [B, 1].
 
-    State-dict keys are ``backbone.*``, ``ccs_layer.*`` and ``ccas_layer.*``: the layout
-    of the authors' released ``w600k_r50_transfira_0025.pt`` (with the default linear heads).
+    With ``freeze_backbone`` only the heads train and the backbone stays in eval mode (the
+    CR-FIQA-style "head on top of a fixed encoder" ablation); by default everything trains
+    end to end (paper section III-B). State-dict keys are ``backbone.*``, ``ccs_layer.*`` and
+    ``ccas_layer.*``: the layout of the authors' released ``w600k_r50_transfira_0025.pt``
+    (with the default linear heads).
     """
 
     def __init__(self, backbone: nn.Module, embedding_size: int, head_hidden: int = 0, freeze_backbone: bool = False):
@@ -33,6 +37,13 @@ class RecognizabilityPredictionNetwork(nn.Module):
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "RecognizabilityPredictionNetwork":
+        """Like ``nn.Module.train``, but a frozen backbone stays in eval mode (fixed BatchNorm statistics)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(images).flatten(1)
