@@ -161,7 +161,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "'nnccs'" in lines[0]
     assert not (tmp_path / "out").exists()
     missing = run_script("--csv", tmp_path / "nope.csv", "--outdir", tmp_path / "out")
-    assert missing.returncode == 2 and "CSV not found" in missing.stderr
+    assert missing.returncode == 2 and "CSV file not found" in missing.stderr
     (tmp_path / "empty.csv").write_text("path,ccs,nnccs\n")
     empty = run_script("--csv", tmp_path / "empty.csv", "--outdir", tmp_path / "out")
-    assert empty.returncode == 2 and "no data rows" in empty.stderr
+    assert empty.returncode == 2 and "no rows" in empty.stderr

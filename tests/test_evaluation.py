@@ -249,7 +249,7 @@ def test_bad_input_errors(tmp_path, pairs, edit, pattern):
 def test_config_errors(tmp_path):
     make_inputs(tmp_path)
     with pytest.raises(TransfiraError, match="exactly one"):
-        run(load_evaluate_config(write_config(tmp_path, f"path = 'a.csv'\nsubjects = 'b.csv'", images=False)))
+        run(load_evaluate_config(write_config(tmp_path, "path = 'a.csv'\nsubjects = 'b.csv'", images=False)))
     with pytest.raises(TransfiraError, match="did you mean 'fmr'"):
         load_evaluate_config(write_config(tmp_path, "", extra="fmrs = [1e-3]"))
     cfg_path = write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'")

@@ -166,3 +166,23 @@ def test_feature_extraction_resumes(tmp_path, demo_dir, monkeypatch):
     np.testing.assert_allclose(resumed, full, atol=1e-6)
     assert ok.all() and not (tmp_path / "resumed.partial.json").exists()
     assert calls["n"] + 1000 == (len(frame) - 4 * 32 + 31) // 32  # restarted after the 4 flushed batches
+
+
+def test_non_finite_embedding_is_an_error(tmp_path, demo_dir):
+    import torch
+
+    from transfira.data import AUG_DEFAULTS, ImageDataset, build_transform
+    from transfira.errors import TransfiraError
+    from transfira.features import extract_features
+
+    class NanOnThird(torch.nn.Module):
+        def forward(self, x):
+            out = x.mean((2, 3)).repeat(1, 4)
+            out[2 % len(out), 0] = float("nan") if len(out) > 2 else 0.0
+            return out
+
+    frame = pd.read_csv(demo_dir / "val.csv").head(8)
+    dataset = ImageDataset(demo_dir / "images", frame["path"], build_transform(AUG_DEFAULTS))
+    with pytest.raises(TransfiraError, match=f"non-finite embedding for row 3 \\({frame['path'][2]}\\)"):
+        extract_features(NanOnThird(), dataset, tmp_path / "f.npy", 12, batch_size=4, num_workers=0)
+    assert not (tmp_path / "f.npy").exists()

@@ -24,7 +24,7 @@ import pandas as pd
 from scipy.special import expit
 
 from .errors import TransfiraError
-from .io import atomic_path, save_csv
+from .io import atomic_path, read_annotations, save_csv
 
 FORMAT = "transfira.sigmoid_calibrator"
 FOLD_FIELDS = ("coef", "intercept", "a", "b")
@@ -263,14 +263,7 @@ def calibrate_csv(csv: str | Path, outdir: str | Path, model: str | Path | None 
     Returns the metrics.
     """
     csv, outdir = Path(csv), Path(outdir)
-    if not csv.is_file():
-        raise TransfiraError(f"CSV not found: {csv}")
-    try:
-        frame = pd.read_csv(csv)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise TransfiraError(f"{csv}: cannot read CSV ({str(err).strip().splitlines()[0]})") from None
-    if frame.empty:
-        raise TransfiraError(f"{csv}: no data rows")
+    frame = read_annotations(csv, [])
     if model is None:
         params = fit_calibrator(read_scores(frame, "ccs", str(csv)),
                                 read_scores(frame, "nnccs", str(csv)), folds, seed)

@@ -5,12 +5,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
 
-from .errors import TransfiraError
+from .io import read_annotations  # noqa: F401  (re-exported: the scripts read CSVs through data)
 
 AUG_DEFAULTS: dict[str, Any] = {
     "train_rgb_norm": [0.5, 0.5, 0.5],  # per-channel mean
@@ -19,36 +18,6 @@ AUG_DEFAULTS: dict[str, Any] = {
     "crop_dim": 112,
     "hflip_p": 0.0,  # random horizontal flip during training (0 in the reference)
 }
-
-
-def read_annotations(csv_path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
-    """Read a CSV and check that ``columns`` are present and that it has rows."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise TransfiraError(f"annotations file not found: {csv_path}")
-    try:
-        frame = pd.read_csv(csv_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise TransfiraError(f"{csv_path}: cannot parse CSV: {err}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise TransfiraError(
-            f"{csv_path}: missing column(s) {', '.join(map(repr, missing))}; "
-            f"columns present: {', '.join(map(str, frame.columns))}"
-        )
-    if frame.empty:
-        raise TransfiraError(f"{csv_path}: no rows")
-    for col in columns:
-        bad = np.flatnonzero(frame[col].isna().to_numpy())
-        if len(bad):
-            raise TransfiraError(f"{csv_path}: empty value in column '{col}' at row(s) {_rows(bad)}")
-    return frame
-
-
-def _rows(indices: np.ndarray, most: int = 5) -> str:
-    """CSV row numbers (1 = first data row) of ``indices``, the first few."""
-    shown = ", ".join(str(i + 1) for i in indices[:most])
-    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
 
 
 def build_transform(aug: dict[str, Any], train: bool = False) -> transforms.Compose:

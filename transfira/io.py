@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .errors import TransfiraError
 
@@ -90,3 +91,33 @@ def load_id_vectors(path: str | Path, allow_pickle: bool = False) -> tuple[np.nd
     ids = np.asarray(list(mapping.keys()))
     vectors = np.stack([np.asarray(v, dtype=np.float32).reshape(-1) for v in mapping.values()])
     return ids, vectors
+
+
+def read_annotations(csv_path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Read a CSV and check that ``columns`` are present and that it has rows."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise TransfiraError(f"CSV file not found: {csv_path}")
+    try:
+        frame = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise TransfiraError(f"{csv_path}: cannot parse CSV: {err}") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise TransfiraError(
+            f"{csv_path}: missing column(s) {', '.join(map(repr, missing))}; "
+            f"columns present: {', '.join(map(str, frame.columns))}"
+        )
+    if frame.empty:
+        raise TransfiraError(f"{csv_path}: no rows")
+    for col in columns:
+        bad = np.flatnonzero(frame[col].isna().to_numpy())
+        if len(bad):
+            raise TransfiraError(f"{csv_path}: empty value in column '{col}' at row(s) {_rows(bad)}")
+    return frame
+
+
+def _rows(indices: np.ndarray, most: int = 5) -> str:
+    """CSV row numbers (1 = first data row) of ``indices``, the first few."""
+    shown = ", ".join(str(i + 1) for i in indices[:most])
+    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
