@@ -27,6 +27,9 @@ def _as_tensor(block: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 def class_index(ids: np.ndarray, center_ids: np.ndarray, what: str = "identity") -> np.ndarray:
     """Position of each of ``ids`` in ``center_ids``; unknown ids raise, listing them."""
+    ids, center_ids = np.asarray(ids), np.asarray(center_ids)
+    if (ids.dtype.kind in "iu") != (center_ids.dtype.kind in "iu"):  # e.g. ids saved as strings
+        ids, center_ids = ids.astype(str), center_ids.astype(str)
     index = pd.Index(center_ids).get_indexer(pd.Index(ids))
     if (index < 0).any():
         missing = pd.unique(np.asarray(ids)[index < 0])
@@ -108,6 +111,8 @@ def certainty_ratio(ccs: np.ndarray, nnccs: np.ndarray, eps: float = CR_EPS) -> 
 
 def _check_inputs(features: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids = np.asarray(ids)
+    if ids.dtype == object:  # mixed types (e.g. numbers and names in one CSV column): compare as text
+        ids = ids.astype(str)
     if features.ndim != 2:
         raise TransfiraError(f"features must be [N, D], got shape {features.shape}")
     if len(ids) != len(features):
