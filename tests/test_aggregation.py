@@ -92,7 +92,7 @@ def test_skipped_rows_are_left_out():
     ccs[6] = np.nan
     only = tids == tids[7]
     features[only] = np.nan  # a template whose images were all unreadable
-    for name, (use_filter, use_weight) in agg.VARIANTS.items():
+    for use_filter, use_weight in agg.VARIANTS.values():
         ids, vectors, summary = agg.aggregate_templates(features, tids, ccs, ccas, use_filter, use_weight)
         ref = reference(features, tids, ccs, ccas, use_filter, use_weight)
         assert ids.tolist() == sorted(ref) and tids[7] not in ids

@@ -45,9 +45,12 @@ def variant_name(use_filter: bool, use_weight: bool) -> str:
     return {v: k for k, v in VARIANTS.items()}[(bool(use_filter), bool(use_weight))]
 
 
+Templates = tuple[np.ndarray, np.ndarray, pd.DataFrame]  # ids [K], vectors [K, D] float32, summary (one row per id)
+
+
 def aggregate_templates(features: np.ndarray, template_ids: Any, ccs: np.ndarray | None = None,
                         ccas: np.ndarray | None = None, use_filter: bool = False, use_weight: bool = False,
-                        normalize: bool = False, eps: float = WEIGHT_EPS) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+                        normalize: bool = False, eps: float = WEIGHT_EPS) -> Templates:
     """One variant: ``(ids, vectors [K, D] float32, summary)`` (see the module docstring).
 
     ``features`` [N, D] (array or memmap), ``template_ids`` [N], ``ccs``/``ccas`` [N]
@@ -59,14 +62,14 @@ def aggregate_templates(features: np.ndarray, template_ids: Any, ccs: np.ndarray
 
 
 def all_variants(features: np.ndarray, template_ids: Any, ccs: np.ndarray, ccas: np.ndarray,
-                 normalize: bool = False, eps: float = WEIGHT_EPS) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+                 normalize: bool = False, eps: float = WEIGHT_EPS) -> dict[str, Templates]:
     """All four variants from one pass over ``features``: ``{name: (ids, vectors, summary)}``."""
     return aggregate_variants(features, template_ids, ccs, ccas, list(VARIANTS), normalize, eps)
 
 
 def aggregate_variants(features: np.ndarray, template_ids: Any, ccs: np.ndarray | None, ccas: np.ndarray | None,
                        variants: list[str], normalize: bool = False,
-                       eps: float = WEIGHT_EPS) -> dict[str, tuple[np.ndarray, np.ndarray, pd.DataFrame]]:
+                       eps: float = WEIGHT_EPS) -> dict[str, Templates]:
     """The named ``variants`` (keys of :data:`VARIANTS`) from one pass over ``features``."""
     n = len(features)
     if features.ndim != 2:
@@ -88,7 +91,7 @@ def aggregate_variants(features: np.ndarray, template_ids: Any, ccs: np.ndarray 
         if len(scores) != n:
             raise ValueError(f"{len(scores)} {what} values for {n} feature rows")
         usable &= np.isfinite(scores)  # any given score, needed or not: all variants use the same rows
-    count = lambda mask: np.bincount(codes, weights=mask, minlength=k)  # noqa: E731 - per-template sum
+    count = lambda mask: np.bincount(codes, weights=mask, minlength=k)  # per-template sums
     images = np.bincount(codes, minlength=k)
     n_usable = count(usable).astype(np.int64)
     base = pd.DataFrame({"template_id": ids, "images": images, "images_usable": n_usable})

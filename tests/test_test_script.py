@@ -1,0 +1,204 @@
+"""test.py end to end on the demo data: one-pass features + scores, separate steps, legacy files, bad input."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_script
+
+from transfira.aggregation import VARIANTS, all_variants
+from transfira.backbone import load_backbone
+from transfira.config import load_config
+from transfira.data import build_transform, load_image
+from transfira.errors import TransfiraError
+from transfira.inference import TEST_SCHEMA, run_test
+from transfira.io import load_id_vectors
+from transfira.model import RecognizabilityPredictionNetwork
+
+ROOT = Path(__file__).resolve().parents[1]
+N_IMAGES = 60  # 12 templates of 5 images: enough for every code path, quick on 2 CPU cores
+
+
+@pytest.fixture(scope="module")
+def setup(demo_dir, tmp_path_factory):
+    """A predictor checkpoint (released layout: a plain state dict) and a small test CSV."""
+    root = tmp_path_factory.mktemp("test_script")
+    torch.manual_seed(0)
+    predictor = RecognizabilityPredictionNetwork(load_backbone("onnx", demo_dir / "encoder.onnx"), 64)
+    with torch.no_grad():  # spread the scores around 0 so filters and weight guards all trigger
+        predictor.ccs_layer.bias.fill_(0.05)
+        predictor.ccas_layer.bias.fill_(-0.02)
+    torch.save(predictor.state_dict(), root / "predictor.pt")
+    frame = pd.read_csv(demo_dir / "test.csv").head(N_IMAGES)
+    frame.to_csv(root / "test.csv", index=False)
+    return root
+
+
+def write_config(root, demo_dir, name="test.toml", annotations="test.csv", outdir="out", **extra) -> str:
+    values = {"model_path": demo_dir / "encoder.onnx", "embedding_size": 64, "checkpoint_path": root / "predictor.pt",
+              "outdir": root / outdir, "batch_size": 16, "device": "cpu", "num_workers": 0, **extra}
+    lines = [f"{k} = {_toml(v)}" for k, v in values.items()]
+    lines += ["[data]", f"data_dir = {_toml(demo_dir / 'images')}", f"annotations = {_toml(root / annotations)}"]
+    (root / name).write_text("\n".join(lines) + "\n")
+    return str(root / name)
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if isinstance(value, (int, float)) else f"'{value}'"
+
+
+def cli(*args) -> None:
+    """test.py's ``main`` in this process (subprocesses cost seconds of start-up each)."""
+    spec = importlib.util.spec_from_file_location("transfira_test_cli", ROOT / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([str(a) for a in args])
+
+
+def templates(outdir, name):
+    return load_id_vectors(outdir / f"templates_{name}.npz")
+
+
+def test_one_pass_all_variants(setup, demo_dir):
+    cfg = write_config(setup, demo_dir)
+    proc = run_script("test.py", "--config", cfg, "--generate_features", "--predict_scores", "--aggregate_features",
+                      "--all_variants")
+    out = setup / "out"
+    features = np.load(out / "test_features.npy")
+    ccs, ccas = np.load(out / "test_ccs.npy"), np.load(out / "test_ccas.npy")
+    assert features.shape == (N_IMAGES, 64) and ccs.shape == ccas.shape == (N_IMAGES,)
+    assert (ccas > 0).any() and (ccas <= 0).any() and (ccs <= 0).any()
+    # features equal onnxruntime's on the same preprocessed images, scores the predictor's
+    import onnxruntime
+
+    frame = pd.read_csv(setup / "test.csv")
+    transform = build_transform({})
+    rows = [0, 17, 59]
+    batch = torch.stack([transform(load_image(demo_dir / "images" / frame.path[i])) for i in rows])
+    session = onnxruntime.InferenceSession(str(demo_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    np.testing.assert_allclose(features[rows], expected, rtol=1e-4, atol=1e-4)
+    predictor = RecognizabilityPredictionNetwork(load_backbone("onnx", demo_dir / "encoder.onnx"), 64)
+    predictor.load_state_dict(torch.load(setup / "predictor.pt", weights_only=True))
+    with torch.no_grad():
+        c, a = predictor.eval()(batch)
+    np.testing.assert_allclose(ccs[rows], c[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ccas[rows], a[:, 0].numpy(), rtol=1e-4, atol=1e-5)
+    # templates are the aggregation of exactly these files, summaries alongside
+    expected_templates = all_variants(features, frame.template_id.to_numpy(), ccs, ccas)
+    for name in VARIANTS:
+        ids, vectors = templates(out, name)
+        np.testing.assert_array_equal(ids, expected_templates[name][0])
+        np.testing.assert_allclose(vectors, expected_templates[name][1], rtol=1e-6)
+        summary = pd.read_csv(out / f"templates_{name}_summary.csv")
+        assert len(summary) == 12 and summary["images"].sum() == N_IMAGES
+    assert "templates -> " in proc.stdout
+
+
+def test_separate_steps_on_shuffled_csv(setup, demo_dir):
+    """Steps run one at a time on a shuffled CSV: rows move with the CSV, templates are unchanged."""
+    if not (setup / "out" / "templates_baseline.npz").exists():
+        pytest.skip("needs test_one_pass_all_variants")
+    frame = pd.read_csv(setup / "test.csv")
+    perm = np.random.default_rng(1).permutation(len(frame))
+    frame.iloc[perm].to_csv(setup / "shuffled.csv", index=False)
+    cfg = load_config(write_config(setup, demo_dir, "shuffled.toml", "shuffled.csv", "shuffled"), TEST_SCHEMA)
+    run_test(cfg, generate_features=True)
+    run_test(cfg, predict_scores=True)
+    shuffled, first = setup / "shuffled", setup / "out"
+    for name in ("test_features.npy", "test_ccs.npy", "test_ccas.npy"):
+        np.testing.assert_allclose(np.load(shuffled / name), np.load(first / name)[perm], rtol=1e-5, atol=1e-6)
+    moved = shuffled / "moved"
+    moved.mkdir()
+    for name in ("test_features.npy", "test_ccs.npy", "test_ccas.npy"):
+        shutil.move(shuffled / name, moved / name)
+    cli("--config", setup / "shuffled.toml", "--aggregate_features", "--all_variants",
+        "--features_path", moved / "test_features.npy", "--ccs_path", moved / "test_ccs.npy",
+        "--ccas_path", moved / "test_ccas.npy")
+    run_test(cfg, aggregate=True, variants=["filter_weight"], features_path=str(moved / "test_features.npy"),
+             ccs_path=str(moved / "test_ccs.npy"), ccas_path=str(moved / "test_ccas.npy"))
+    for name in VARIANTS:
+        ids, vectors = templates(shuffled, name)
+        ids0, vectors0 = templates(first, name)
+        np.testing.assert_array_equal(ids, ids0)
+        np.testing.assert_allclose(vectors, vectors0, rtol=1e-5, atol=1e-6)
+
+
+def test_legacy_pickled_features(setup, demo_dir):
+    """The reference's pickled dict (path -> feature) is refused, and read with --allow-pickle."""
+    if not (setup / "out" / "templates_baseline.npz").exists():
+        pytest.skip("needs test_one_pass_all_variants")
+    frame = pd.read_csv(setup / "test.csv")
+    features = np.load(setup / "out" / "test_features.npy")
+    legacy = setup / "legacy_features.npy"
+    np.save(legacy, dict(zip(frame.path[::-1], features[::-1])), allow_pickle=True)
+    cfg = write_config(setup, demo_dir, "legacy.toml", outdir="legacy")
+    args = ["--config", cfg, "--aggregate_features", "--features_path", legacy]
+    proc = run_script("test.py", *args, check=False)  # the one subprocess: exit code and one-line message
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--allow-pickle" in proc.stderr
+    assert proc.stderr.startswith("error: ") and str(legacy) in proc.stderr
+    assert not (setup / "legacy" / "templates_baseline.npz").exists()
+    cli(*args, "--allow-pickle")
+    ids, vectors = templates(setup / "legacy", "baseline")
+    ids0, vectors0 = templates(setup / "out", "baseline")
+    np.testing.assert_array_equal(ids, ids0)
+    np.testing.assert_allclose(vectors, vectors0, rtol=1e-6)
+
+
+def test_unreadable_image_skip_and_error(setup, demo_dir):
+    frame = pd.read_csv(setup / "test.csv").head(10)
+    (setup / "broken.png").write_bytes(b"not an image")
+    frame.loc[3, "path"] = str(setup / "broken.png")  # absolute: data_dir / absolute = absolute
+    frame.to_csv(setup / "broken.csv", index=False)
+    cfg = write_config(setup, demo_dir, "broken.toml", "broken.csv", "broken")
+    with pytest.raises(TransfiraError, match=r"row 4: .*broken\.png") as err:
+        cli("--config", cfg, "--generate_features", "--aggregate_features")
+    assert "\n" not in str(err.value)
+    cfg = load_config(write_config(setup, demo_dir, "skip.toml", "broken.csv", "skip", on_bad_image="skip"),
+                      TEST_SCHEMA)
+    run_test(cfg, generate_features=True, predict_scores=True, aggregate=True, variants=list(VARIANTS))
+    out = setup / "skip"
+    assert np.isnan(np.load(out / "test_features.npy")[3]).all() and np.isnan(np.load(out / "test_ccs.npy")[3])
+    assert pd.read_csv(out / "test_skipped.csv")["row"].tolist() == [4]
+    summary = pd.read_csv(out / "templates_baseline_summary.csv").set_index("template_id")
+    tid = frame.template_id[3]
+    assert summary.loc[tid, "images_usable"] == summary.loc[tid, "images"] - 1
+    assert all(np.isfinite(templates(out, name)[1]).all() for name in VARIANTS)
+
+
+@pytest.mark.parametrize("case", ["missing_column", "length", "checkpoint", "keys", "no_step", "flag"])
+def test_bad_input_one_line_errors(setup, demo_dir, case):
+    frame = pd.read_csv(setup / "test.csv")
+    args = ["--aggregate_features"]
+    extra = {}
+    if case == "missing_column":
+        frame.drop(columns="template_id").to_csv(setup / "nocol.csv", index=False)
+        cfg, expect = write_config(setup, demo_dir, "nocol.toml", "nocol.csv", "bad"), "'template_id'"
+    elif case == "length":
+        np.save(setup / "short.npy", np.zeros((N_IMAGES - 1, 64), np.float32))
+        cfg, expect = write_config(setup, demo_dir, outdir="bad"), f"{N_IMAGES - 1} rows"
+        args += ["--features_path", setup / "short.npy"]
+    elif case in ("checkpoint", "keys"):
+        if case == "keys":
+            torch.save({"ccs_layer.weight": torch.zeros(1, 64)}, setup / "partial.pt")
+        extra = {"checkpoint_path": setup / ("partial.pt" if case == "keys" else "missing.pt")}
+        cfg, expect = write_config(setup, demo_dir, "ckpt.toml", outdir="bad", **extra), (
+            "missing keys" if case == "keys" else "missing.pt")
+        args = ["--predict_scores"]
+    elif case == "no_step":
+        cfg, expect, args = write_config(setup, demo_dir, outdir="bad"), "nothing to do", []
+    else:
+        cfg, expect, args = write_config(setup, demo_dir, outdir="bad"), "--use_weight", ["--use_weight"]
+    with pytest.raises(TransfiraError) as err:
+        cli("--config", cfg, *args)
+    message = str(err.value)
+    assert "\n" not in message and expect in message, message
+    if case == "length":
+        assert str(N_IMAGES) in message

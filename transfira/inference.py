@@ -1,0 +1,272 @@
+"""test.py's job: features from the deployed encoder, CCS/CCAS from the predictor, templates.
+
+One DataLoader pass decodes each test image once and feeds it to both networks; any
+step can also run alone, reading the other steps' outputs from files aligned with the
+annotation rows. Aggregation itself is :mod:`transfira.aggregation` (paper eq. 10).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .aggregation import VARIANTS, WEIGHT_EPS, aggregate_variants
+from .backbone import check_embedding_size, load_backbone, resolve_device
+from .checkpoint import load_predictor_checkpoint
+from .config import REQUIRED
+from .data import AUG_DEFAULTS, ImageDataset, build_transform, make_loader, read_annotations
+from .errors import TransfiraError
+from .io import atomic_path, save_csv, save_id_vectors, save_npy
+from .model import RecognizabilityPredictionNetwork
+
+TEST_SCHEMA: dict[str, Any] = {
+    "backbone_type": "onnx",
+    "model_path": "",  # deployed encoder (ONNX): template features
+    "predictor_model_path": "",  # ONNX giving the predictor backbone's architecture ('' = model_path)
+    "embedding_size": REQUIRED,
+    "checkpoint_path": "",  # predictor state dict (backbone.*, ccs_layer.*, ccas_layer.*)
+    "head_hidden": 0,  # as in train.py: 0 = linear heads
+    "outdir": "output/test_results/",
+    "batch_size": 64,
+    "save_features": True,  # write test_features.npy (always written when not aggregated in the same run)
+    "device": "auto",
+    "num_workers": 2,
+    "normalize_features": False,  # L2-normalize each feature before aggregating
+    "on_bad_image": "error",  # "error" | "skip" (NaN rows, listed in test_skipped.csv, left out of templates)
+    "allow_pickle": False,  # read legacy pickled features / scores (trusted files only)
+    "aug": dict(AUG_DEFAULTS),
+    "data": {"data_dir": "", "annotations": REQUIRED, "path_col_name": "path", "id_col_name": "template_id",
+             "batch_size": 0},  # batch_size 0: the top-level batch_size
+}
+FEATURES, CCS, CCAS, SKIPPED = "test_features.npy", "test_ccs.npy", "test_ccas.npy", "test_skipped.csv"
+
+
+def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_scores: bool = False,
+             aggregate: bool = False, variants: list[str] | None = None, features_path: str | None = None,
+             ccs_path: str | None = None, ccas_path: str | None = None) -> dict[str, Path]:
+    """Run the requested steps of stage 3; return ``{name: path}`` of the files written."""
+    if not (generate_features or predict_scores or aggregate):
+        raise TransfiraError("nothing to do: give --generate_features, --predict_scores and/or --aggregate_features")
+    if cfg["on_bad_image"] not in ("error", "skip"):
+        raise TransfiraError(f"on_bad_image must be 'error' or 'skip', got '{cfg['on_bad_image']}'")
+    variants = list(variants or ["baseline"])
+    data = cfg["data"]
+    columns = [data["path_col_name"], data["id_col_name"]] if aggregate else [data["path_col_name"]]
+    frame = read_annotations(data["annotations"], columns)
+    outdir = Path(cfg["outdir"])
+    outdir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    features = ccs = ccas = None
+    if generate_features or predict_scores:
+        save_features = cfg["save_features"] or not aggregate
+        features, ccs, ccas = embed_and_score(cfg, frame, generate_features, predict_scores, save_features)
+        names = [FEATURES] * (generate_features and save_features) + [CCS, CCAS] * predict_scores
+        written.update({name: outdir / name for name in names})
+    if aggregate:
+        load = lambda given, default, what, ndim: load_rows(
+            given or outdir / default, frame, data, what, ndim, cfg["allow_pickle"])
+        if features is None:
+            features = load(features_path, FEATURES, "features", 2)
+        if ccs is None and any(VARIANTS[v][1] for v in variants):
+            ccs = load(ccs_path, CCS, "CCS", 1)
+        if ccas is None and any(VARIANTS[v][0] for v in variants):
+            ccas = load(ccas_path, CCAS, "CCAS", 1)
+        written.update(write_templates(features, frame[data["id_col_name"]].to_numpy(), ccs, ccas, variants,
+                                       cfg["normalize_features"], outdir))
+    return written
+
+
+def write_templates(features: np.ndarray, template_ids: np.ndarray, ccs: np.ndarray | None,
+                    ccas: np.ndarray | None, variants: list[str], normalize: bool, outdir: Path) -> dict[str, Path]:
+    """Aggregate, write ``templates_<variant>.npz`` and ``templates_<variant>_summary.csv``, report fallbacks."""
+    results = aggregate_variants(features, template_ids, ccs if _needs(variants, 1) else None,
+                                 ccas if _needs(variants, 0) else None, variants, normalize)
+    written = {}
+    for name, (ids, vectors, summary) in results.items():
+        path, summary_path = outdir / f"templates_{name}.npz", outdir / f"templates_{name}_summary.csv"
+        save_id_vectors(path, ids, vectors)
+        save_csv(summary, summary_path)
+        written[path.name], written[summary_path.name] = path, summary_path
+        total = len(summary)
+        notes = []
+        if "filter_fallback" in summary and summary["filter_fallback"].any():
+            notes.append(f"{summary['filter_fallback'].sum()} of {total} templates have no image with predicted "
+                         "CCAS > 0, all their images were kept")
+        if "weight_fallback" in summary and summary["weight_fallback"].any():
+            notes.append(f"{summary['weight_fallback'].sum()} of {total} templates have a predicted-CCS weight sum "
+                         f"<= {WEIGHT_EPS:g}, their unweighted mean was used")
+        empty = int((summary["images_usable"] == 0).sum())
+        if empty:
+            notes.append(f"{empty} of {total} templates have no usable image and were left out")
+        for note in notes:
+            print(f"warning: {name}: {note} (see {summary_path})", file=sys.stderr)
+        print(f"{name}: {len(ids)} templates -> {path}")
+    return written
+
+
+def _needs(variants: list[str], which: int) -> bool:
+    """Whether any variant uses the filter (``which`` 0) or the weights (1)."""
+    return any(VARIANTS[v][which] for v in variants)
+
+
+def load_rows(path: str | Path, frame: pd.DataFrame, data: dict[str, Any], what: str, ndim: int,
+              allow_pickle: bool = False) -> np.ndarray:
+    """Read a per-image ``.npy`` (features [N, D] or scores [N]) aligned with the annotation rows.
+
+    A legacy pickled file (a dict keyed by image path or row number, or an object array)
+    is read only with ``allow_pickle``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TransfiraError(f"{what} file not found: {path} (compute it in this run or pass its path)")
+    try:
+        array = _load_npy(path)
+    except (OSError, ValueError) as err:
+        raise TransfiraError(f"{path}: cannot read {what} (expected a .npy file): {err}") from None
+    if array is None and not allow_pickle:
+        raise TransfiraError(f"{path} is a pickle (the reference's format); unpickling can run code from the "
+                             "file, so it is refused. If you trust the file, pass --allow-pickle.")
+    if array is None:
+        array = _unpickled_rows(np.load(path, allow_pickle=True), frame[data["path_col_name"]], path)
+    if not isinstance(array, np.ndarray):
+        raise TransfiraError(f"{path}: expected a .npy array of {what}, found {type(array).__name__}")
+    if ndim == 1 and array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != ndim:
+        raise TransfiraError(f"{path}: {what} must be a {ndim}-D array, found shape {array.shape}")
+    if len(array) != len(frame):
+        raise TransfiraError(f"{path} has {len(array)} rows of {what} but {data['annotations']} has "
+                             f"{len(frame)} rows: they must be aligned")
+    return array
+
+
+def _load_npy(path: Path) -> np.ndarray | None:
+    """A memory-mapped ``.npy``; None when the file holds Python objects (a pickle)."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError:  # object arrays cannot be memory-mapped: confirm it is a pickle
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as err:
+            if "allow_pickle" in str(err):
+                return None
+            raise
+
+
+def _unpickled_rows(obj: np.ndarray, paths: pd.Series, source: Path) -> np.ndarray:
+    """A legacy pickle as an array in annotation order: dict by path or row number, or object array."""
+    if obj.dtype == object and obj.shape == () and isinstance(obj.item(), dict):
+        mapping = obj.item()
+        for keys in (paths.tolist(), list(range(len(paths)))):
+            if all(k in mapping for k in keys):
+                return np.stack([np.asarray(mapping[k], dtype=np.float32) for k in keys])
+        missing = next(p for p in paths if p not in mapping)
+        raise TransfiraError(f"{source}: pickled dict has no entry for image '{missing}' (keys are neither "
+                             "the annotation paths nor row numbers)")
+    try:
+        return np.stack([np.asarray(v, dtype=np.float32) for v in obj]) if obj.dtype == object else obj
+    except (TypeError, ValueError) as err:
+        raise TransfiraError(f"{source}: cannot read the pickled rows: {err}") from None
+
+
+def load_encoder(cfg: dict[str, Any], device: torch.device) -> nn.Module:
+    """The deployed encoder (``model_path``), in eval mode on ``device``."""
+    if not cfg["model_path"]:
+        raise TransfiraError("model_path (the deployed encoder) is needed for --generate_features")
+    encoder = load_backbone(cfg["backbone_type"], cfg["model_path"]).to(device).eval()
+    check_embedding_size(encoder, cfg["embedding_size"], cfg["aug"]["crop_dim"], cfg["model_path"])
+    return encoder
+
+
+def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
+    """The predictor: architecture from ``predictor_model_path`` (default ``model_path``), weights from
+    ``checkpoint_path`` (``weights_only=True``; the released checkpoint layout loads unchanged)."""
+    checkpoint = cfg["checkpoint_path"]
+    if not checkpoint:
+        raise TransfiraError("checkpoint_path (the trained predictor) is needed for --predict_scores")
+    if not Path(checkpoint).is_file():
+        raise TransfiraError(f"predictor checkpoint not found: {checkpoint} (checkpoint_path)")
+    arch = cfg["predictor_model_path"] or cfg["model_path"]
+    if not arch:
+        raise TransfiraError("set predictor_model_path or model_path: the ONNX encoder the predictor was trained from")
+    backbone = load_backbone(cfg["backbone_type"], arch)
+    check_embedding_size(backbone, cfg["embedding_size"], cfg["aug"]["crop_dim"], arch)
+    predictor = RecognizabilityPredictionNetwork(backbone, cfg["embedding_size"], cfg["head_hidden"])
+    load_predictor_checkpoint(checkpoint, predictor)
+    return predictor.to(device).eval()
+
+
+@torch.inference_mode()
+def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool,
+                    save_features: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """One pass over the test images: encoder features [N, D] and/or predicted CCS, CCAS [N].
+
+    Writes ``test_features.npy`` (streamed through a memmap; when ``save_features``),
+    ``test_ccs.npy``, ``test_ccas.npy`` and, for skipped images, ``test_skipped.csv``.
+    Rows of skipped images are NaN. Returns ``(features, ccs, ccas)`` (None where not computed).
+    """
+    device = resolve_device(cfg["device"])
+    encoder = load_encoder(cfg, device) if features else None
+    predictor = load_predictor(cfg, device) if scores else None
+    data, outdir = cfg["data"], Path(cfg["outdir"])
+    paths = frame[data["path_col_name"]].astype(str).tolist()
+    dataset = ImageDataset(data["data_dir"], paths, build_transform(cfg["aug"], train=False))
+    loader = make_loader(dataset, data["batch_size"] or cfg["batch_size"], cfg["num_workers"])
+    n, dim = len(paths), cfg["embedding_size"]
+    feats = ccs = ccas = None
+    skipped = []
+    with contextlib.ExitStack() as stack:
+        if encoder is not None and save_features:
+            tmp = stack.enter_context(atomic_path(outdir / FEATURES))
+            feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        elif encoder is not None:
+            feats = np.empty((n, dim), np.float32)
+        if predictor is not None:
+            ccs, ccas = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        for batch in tqdm(loader, desc="test images", total=len(loader), unit="batch", dynamic_ncols=True):
+            index = batch["index"].numpy()
+            good = batch["ok"].numpy().astype(bool)
+            for i in np.flatnonzero(~good):
+                row = int(index[i])
+                if cfg["on_bad_image"] != "skip":
+                    raise TransfiraError(f"unreadable image at row {row + 1}: {batch['error'][i]} "
+                                         "(set on_bad_image = \"skip\" to go on without it)")
+                tqdm.write(f"skipping row {row + 1}: {batch['error'][i]}")
+                skipped.append({"row": row + 1, "path": paths[row], "error": batch["error"][i]})
+            images = batch["image"].to(device, non_blocking=True)
+            outputs = []
+            if encoder is not None:
+                outputs.append((feats, encoder(images).float().flatten(1).cpu().numpy(), "embedding"))
+            if predictor is not None:
+                c, a = predictor(images)
+                outputs += [(ccs, c.float().flatten().cpu().numpy(), "predicted CCS"),
+                            (ccas, a.float().flatten().cpu().numpy(), "predicted CCAS")]
+            for target, values, what in outputs:
+                finite = np.isfinite(values).reshape(len(values), -1).all(1)
+                if not finite[good].all():
+                    row = int(index[np.flatnonzero(good & ~finite)[0]])
+                    raise TransfiraError(f"non-finite {what} for row {row + 1} ({paths[row]}): check the model "
+                                         "files and the preprocessing")
+                values[~good] = np.nan
+                target[index] = values
+        if isinstance(feats, np.memmap):
+            feats.flush()
+    if isinstance(feats, np.memmap):
+        feats = np.load(outdir / FEATURES, mmap_mode="r")
+    if predictor is not None:
+        save_npy(outdir / CCS, ccs)
+        save_npy(outdir / CCAS, ccas)
+    if skipped:
+        save_csv(pd.DataFrame(skipped), outdir / SKIPPED)
+        print(f"warning: {len(skipped)} unreadable image(s) skipped (NaN rows, left out of templates), "
+              f"listed in {outdir / SKIPPED}", file=sys.stderr)
+    else:
+        (outdir / SKIPPED).unlink(missing_ok=True)
+    return feats, ccs, ccas
