@@ -78,12 +78,11 @@ def test_small_chunks_and_readonly_memmap(tmp_path):
     ids2, vectors2, _ = agg.aggregate_templates(mm, tids, ccs, ccas, True, True)
     np.testing.assert_array_equal(ids, ids2)
     np.testing.assert_allclose(vectors, vectors2, rtol=1e-6)
-    codes, weights = np.searchsorted(ids, tids), np.stack([np.ones(len(tids)), ccs], 1)
-    usable = np.ones(len(tids), bool)
-    whole = agg.segment_sums(features, codes, len(ids), weights, usable)
-    np.testing.assert_allclose(agg.segment_sums(mm, codes, len(ids), weights, usable, chunk=64), whole,
-                               rtol=1e-5, atol=1e-5)
-    assert np.array_equal(agg.finite_rows(mm, chunk=64), np.ones(len(tids), bool))
+    finite, norms = agg.row_norms(mm, chunk=64)
+    assert finite.all()
+    np.testing.assert_allclose(norms, np.linalg.norm(features, axis=1), rtol=1e-5)
+    features[3, 1] = np.inf
+    assert np.flatnonzero(~agg.row_norms(features, chunk=64)[0]).tolist() == [3]
 
 
 def test_skipped_rows_are_left_out():

@@ -20,10 +20,12 @@ the reference exactly.
 Rows with a non-finite feature or (given) score, i.e. images skipped as unreadable, are left out;
 a template with no usable image is reported in the summary and left out of the output.
 Everything is vectorized over all templates: per-row weights from ``bincount`` segment
-statistics, then one pass of chunked ``index_add_`` segment sums over the features.
+statistics, then all weighted segment sums in one ``embedding_bag`` call (rows grouped by
+template, zero-weight rows left out, so NaN rows of skipped images are never read).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ VARIANTS: dict[str, tuple[bool, bool]] = {  # name -> (use_filter, use_weight)
     "filter": (True, False),
     "filter_weight": (True, True),
 }
-CHUNK_ROWS = 1 << 17  # rows per index_add_ call: large calls are much faster than many small ones
+CHUNK_ROWS = 1 << 18  # rows per block when checking features for NaN and computing norms
 
 
 def variant_name(use_filter: bool, use_weight: bool) -> str:
@@ -82,7 +84,7 @@ def aggregate_variants(features: np.ndarray, template_ids: Any, ccs: np.ndarray 
     k = len(ids)
     needs_ccs = any(VARIANTS[v][1] for v in variants)
     needs_ccas = any(VARIANTS[v][0] for v in variants)
-    usable = finite_rows(features)
+    usable, norms = row_norms(features)
     for scores, needed, what in ((ccs, needs_ccs, "ccs"), (ccas, needs_ccas, "ccas")):
         if scores is None:
             if needed:
@@ -117,59 +119,64 @@ def aggregate_variants(features: np.ndarray, template_ids: Any, ccs: np.ndarray 
             summary["weight_fallback"] = fallback
         summary["images_used"] = count(weights > 0).astype(np.int64)
         plans[name] = (weights, summary)
-    sums = segment_sums(features, codes, k, np.stack([w for w, _ in plans.values()], 1), usable, normalize)
+    columns = np.stack([w for w, _ in plans.values()], 1)
+    if normalize:  # sum(w_i z_i / |z_i|): the normalization folded into the weights, no normalized copy
+        columns = columns * np.where(usable, 1 / np.maximum(np.nan_to_num(norms), 1e-12), 0.0)[:, None]
+    sums = segment_sums(features, codes, k, columns)
+    written = n_usable > 0
     out = {}
     for (name, (weights, summary)), total in zip(plans.items(), sums):
-        denom = count(weights)
-        written = n_usable > 0
-        vectors = (total[written] / denom[written, None]).astype(np.float32)
-        out[name] = (np.asarray(ids)[written], vectors, summary)
+        denom = np.where(written, count(weights), 1.0).astype(np.float32)  # > 0 wherever written (guards above)
+        total /= denom[:, None]  # in place: no new K x D array
+        out[name] = (np.asarray(ids)[written], total if written.all() else total[written], summary)
     return out
 
 
-def finite_rows(features: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
-    """Boolean [N]: rows of ``features`` without NaN or inf (checked chunk by chunk)."""
-    ok = np.empty(len(features), bool)
+def row_norms(features: np.ndarray, chunk: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """``(finite [N] bool, L2 norms [N] float32)`` of the rows of ``features``, block by block.
+
+    A row with NaN or inf anywhere has a non-finite norm (skipped images are NaN rows).
+    """
+    finite, norms = np.empty(len(features), bool), np.empty(len(features), np.float32)
     for start in range(0, len(features), chunk):
         block = _rows(features, start, start + chunk)
-        row_ok = block.sum(1).isfinite()  # NaN/inf anywhere makes the row sum non-finite
-        if not row_ok.all():  # confirm exactly (a sum of huge finite values can overflow)
-            row_ok[~row_ok] = block[~row_ok].isfinite().all(1)
-        ok[start:start + len(block)] = row_ok.numpy()
-    return ok
+        norm = torch.linalg.vector_norm(block, dim=1)
+        ok = norm.isfinite()
+        if not ok.all():  # confirm exactly: squares of huge finite values can overflow
+            ok[~ok] = block[~ok].isfinite().all(1)
+        finite[start:start + len(block)], norms[start:start + len(block)] = ok.numpy(), norm.numpy()
+    return finite, norms
 
 
-def segment_sums(features: np.ndarray, codes: np.ndarray, k: int, weights: np.ndarray, usable: np.ndarray,
-                 normalize: bool = False, chunk: int = CHUNK_ROWS) -> np.ndarray:
-    """``out[v, t] = sum over rows i of template t of weights[i, v] * z_i`` -> [V, K, D] float32.
+def segment_sums(features: np.ndarray, codes: np.ndarray, k: int, weights: np.ndarray) -> np.ndarray:
+    """``out[v, t] = sum of weights[i, v] * z_i over the rows i of template t`` -> [V, K, D] float32.
 
-    Rows not ``usable`` are zeroed first (their weight is 0, but NaN * 0 is NaN). With
-    ``normalize`` each ``z_i`` is L2-normalized first. One ``index_add_`` per variant and
-    chunk of rows; a weight column that is all ones skips the multiplication.
+    Rows with weight 0 are not read at all (skipped images' NaN rows must have weight 0).
+    One ``embedding_bag`` call: bag ``v * K + t`` lists the rows of template ``t`` with a
+    nonzero weight in column ``v``; it reads those rows and sums them weighted, without
+    scattered writes or a weighted copy of the features.
     """
-    n, d = features.shape
-    out = torch.zeros(weights.shape[1], k, d)
-    buf = torch.empty(min(chunk, n), d)
-    codes_t = torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64))
-    weights_t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        z = _rows(features, start, stop)
-        bad = torch.from_numpy(~usable[start:stop])
-        if bad.any():
-            z = torch.where(bad[:, None], 0.0, z)
-        if normalize:
-            z = torch.nn.functional.normalize(z, dim=1)
-        idx = codes_t[start:stop]
-        for j, total in enumerate(out):
-            w = weights_t[start:stop, j]
-            total.index_add_(0, idx, z if bool((w == 1).all()) else torch.mul(z, w[:, None], out=buf[:stop - start]))
-    return out.numpy()
+    n, v = weights.shape
+    order = np.argsort(codes, kind="stable")  # rows grouped by template, in row order within each
+    rows, bags, sample_weights = [], [], []
+    for j in range(v):
+        picked = order[weights[order, j] != 0]
+        rows.append(picked)
+        bags.append(np.bincount(codes[picked], minlength=k))
+        sample_weights.append(weights[picked, j])
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(bags))[:-1]])
+    table = _rows(features, 0, n)
+    out = torch.nn.functional.embedding_bag(
+        torch.from_numpy(np.concatenate(rows).astype(np.int64)), table, torch.from_numpy(offsets.astype(np.int64)),
+        mode="sum", per_sample_weights=torch.from_numpy(np.concatenate(sample_weights).astype(np.float32)))
+    return out.numpy().reshape(v, k, features.shape[1])
 
 
 def _rows(features: np.ndarray, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` as a float32 tensor (no copy for writable float32 arrays; memmaps are copied)."""
+    """Rows ``start:stop`` as a float32 tensor for reading; no copy of float32 arrays or memmaps."""
     block = np.asarray(features[start:stop])
-    if block.dtype == np.float32 and block.flags.writeable and block.flags.c_contiguous:
+    if block.dtype != np.float32 or not block.flags.c_contiguous:
+        return torch.tensor(block, dtype=torch.float32)
+    with warnings.catch_warnings():  # read-only memmaps are fine: the tensor is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(block)
-    return torch.tensor(block, dtype=torch.float32)
