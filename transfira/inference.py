@@ -67,16 +67,18 @@ def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_score
     if generate_features or predict_scores:
         save_features = cfg["save_features"] or not aggregate
         features, ccs, ccas = embed_and_score(cfg, frame, generate_features, predict_scores, save_features)
-        names = [FEATURES] * (generate_features and save_features) + [CCS, CCAS] * predict_scores
-        written.update({name: outdir / name for name in names})
+        if generate_features and save_features:
+            written[FEATURES] = outdir / FEATURES
+        if predict_scores:
+            written.update({CCS: outdir / CCS, CCAS: outdir / CCAS})
     if aggregate:
         load = lambda given, default, what, ndim: load_rows(
             given or outdir / default, frame, data, what, ndim, cfg["allow_pickle"])
         if features is None:
             features = load(features_path, FEATURES, "features", 2)
-        if ccs is None and any(VARIANTS[v][1] for v in variants):
+        if ccs is None and _needs(variants, 1):
             ccs = load(ccs_path, CCS, "CCS", 1)
-        if ccas is None and any(VARIANTS[v][0] for v in variants):
+        if ccas is None and _needs(variants, 0):
             ccas = load(ccas_path, CCAS, "CCAS", 1)
         written.update(write_templates(features, frame[data["id_col_name"]].to_numpy(), ccs, ccas, variants,
                                        cfg["normalize_features"], outdir))
