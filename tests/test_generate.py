@@ -134,6 +134,7 @@ def test_bad_image_error_and_skip(tmp_path, demo_dir):
     assert len(labels) == len(frame) and np.isnan(labels["ccs"][3]) and labels["ccs"].drop(3).notna().all()
     skipped = pd.read_csv(out / "val_skipped.csv")
     assert list(skipped["row"]) == [4] and skipped["path"][0] == frame["path"][3]
+    assert "UnidentifiedImageError" in skipped["error"][0]
 
 
 def test_feature_extraction_resumes(tmp_path, demo_dir, monkeypatch):
@@ -145,7 +146,8 @@ def test_feature_extraction_resumes(tmp_path, demo_dir, monkeypatch):
     frame = pd.read_csv(demo_dir / "train.csv")
     dataset = ImageDataset(demo_dir / "images", frame["path"], build_transform(AUG_DEFAULTS))
     net = load_backbone("onnx", demo_dir / "encoder.onnx")
-    full, _ = feat.extract_features(net, dataset, tmp_path / "full.npy", 64, batch_size=32, num_workers=0)
+    extract = lambda name: feat.extract_outputs(net, dataset, {"f": (tmp_path / name, 64)}, 32, 0)  # noqa: E731
+    full = extract("full.npy")[0]["f"]
 
     monkeypatch.setattr(feat, "FLUSH_EVERY", 2)
     calls = {"n": 0}
@@ -159,12 +161,12 @@ def test_feature_extraction_resumes(tmp_path, demo_dir, monkeypatch):
 
     net.forward = crashing_forward
     with pytest.raises(KeyboardInterrupt):
-        feat.extract_features(net, dataset, tmp_path / "resumed.npy", 64, batch_size=32, num_workers=0)
+        extract("resumed.npy")
     assert not (tmp_path / "resumed.npy").exists() and (tmp_path / "resumed.partial.json").exists()
     calls["n"] = -1000  # no more crashes; count the batches of the resumed run
-    resumed, ok = feat.extract_features(net, dataset, tmp_path / "resumed.npy", 64, batch_size=32, num_workers=0)
-    np.testing.assert_allclose(resumed, full, atol=1e-6)
-    assert ok.all() and not (tmp_path / "resumed.partial.json").exists()
+    resumed, skipped = extract("resumed.npy")
+    np.testing.assert_allclose(resumed["f"], full, atol=1e-6)
+    assert not skipped and not (tmp_path / "resumed.partial.json").exists()
     assert calls["n"] + 1000 == (len(frame) - 4 * 32 + 31) // 32  # restarted after the 4 flushed batches
 
 
@@ -173,7 +175,7 @@ def test_non_finite_embedding_is_an_error(tmp_path, demo_dir):
 
     from transfira.data import AUG_DEFAULTS, ImageDataset, build_transform
     from transfira.errors import TransfiraError
-    from transfira.features import extract_features
+    from transfira.features import extract_outputs
 
     class NanOnThird(torch.nn.Module):
         def forward(self, x):
@@ -184,5 +186,5 @@ def test_non_finite_embedding_is_an_error(tmp_path, demo_dir):
     frame = pd.read_csv(demo_dir / "val.csv").head(8)
     dataset = ImageDataset(demo_dir / "images", frame["path"], build_transform(AUG_DEFAULTS))
     with pytest.raises(TransfiraError, match=f"non-finite embedding for row 3 \\({frame['path'][2]}\\)"):
-        extract_features(NanOnThird(), dataset, tmp_path / "f.npy", 12, batch_size=4, num_workers=0)
+        extract_outputs(NanOnThird(), dataset, {"embedding": (tmp_path / "f.npy", 12)}, 4, 0)
     assert not (tmp_path / "f.npy").exists()

@@ -1,102 +1,123 @@
-"""Feature extraction: encoder outputs for every image, streamed into a memory-mapped ``.npy``.
+"""Network outputs for every image, streamed into memory-mapped ``.npy`` files.
 
-N x D never has to fit in RAM, and an interrupted run resumes from the last flushed batch:
-rows are written to ``<out>.partial.npy`` with a ``<out>.partial.json`` progress record,
-renamed onto ``<out>`` when complete.
+One pass over a dataset feeds each decoded image to a model with one or several outputs
+(generate.py: encoder features; test.py: encoder features and predicted CCS / CCAS).
+N x D never has to fit in RAM, and an interrupted run resumes from the last flushed
+batch: rows go to ``<out>.partial.npy`` files with a progress record
+``<first out>.partial.json``, renamed onto the final names when complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .data import ImageDataset, make_loader
 from .errors import TransfiraError
-from .io import atomic_path, save_npy
+from .io import atomic_path, save_csv
 
 FLUSH_EVERY = 50  # batches between progress records
 
 
-def _progress_matches(meta_path: Path, expected: dict) -> int:
-    """Rows already done by an earlier run with the same inputs (0 if none or different)."""
+def _partial(path: Path, suffix: str = ".partial.npy") -> Path:
+    return path.with_name(path.stem + suffix)
+
+
+def _resume_point(meta_path: Path, info: dict, partials: list[Path]) -> tuple[int, list[dict]]:
+    """Rows done and images skipped by an earlier run with the same inputs ((0, []) if none)."""
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
-        return 0
-    return int(meta.get("rows_done", 0)) if all(meta.get(k) == v for k, v in expected.items()) else 0
-
-
-def _write_progress(meta_path: Path, info: dict, rows_done: int) -> None:
-    with atomic_path(meta_path) as tmp:
-        tmp.write_text(json.dumps({**info, "rows_done": rows_done}))
+        return 0, []
+    if any(meta.get(k) != v for k, v in info.items()) or not all(p.exists() for p in partials):
+        return 0, []
+    return int(meta.get("rows_done", 0)), list(meta.get("skipped", []))
 
 
 @torch.inference_mode()
-def extract_features(backbone: nn.Module, dataset: ImageDataset, out_path: str | Path, embedding_size: int,
-                     batch_size: int = 64, num_workers: int = 2, device: torch.device | str = "cpu",
-                     on_bad_image: str = "error", desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """Embed every image of ``dataset`` into ``out_path`` ([N, D] float32 ``.npy``).
+def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[str, tuple[Path, int]],
+                    batch_size: int = 64, num_workers: int = 2, device: torch.device | str = "cpu",
+                    on_bad_image: str = "error", desc: str = "images") -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Run ``model`` over ``dataset`` and write each of its outputs to its own ``.npy``.
 
-    Returns ``(features, ok)``: the read-only memmap and a boolean mask of readable
-    images (rows of unreadable images are NaN when ``on_bad_image == "skip"``).
+    ``outputs`` maps a name to ``(path, width)``, in the order of the model's outputs (a
+    tensor, or a tuple of tensors); width D gives an [N, D] array, width 0 an [N] vector.
+    Returns the read-only memmaps by name and the skipped images (``row`` 1-based,
+    ``path``, ``error``); their rows are NaN. Non-finite outputs are errors.
     """
-    out_path = Path(out_path)
-    n = len(dataset)
-    partial = out_path.with_name(out_path.stem + ".partial.npy")
-    meta_path = out_path.with_name(out_path.stem + ".partial.json")
-    info = {"rows": n, "dim": embedding_size, "paths_hash": _paths_hash(dataset.paths)}
-    start = _progress_matches(meta_path, info) if partial.exists() else 0
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(outputs)
+    paths = [Path(outputs[k][0]) for k in names]
+    shapes = [(len(dataset), outputs[k][1]) if outputs[k][1] else (len(dataset),) for k in names]
+    partials = [_partial(p) for p in paths]
+    meta_path = _partial(paths[0], ".partial.json")
+    info = {"rows": len(dataset), "outputs": [[str(p), list(s)] for p, s in zip(paths, shapes)],
+            "paths_hash": hashlib.sha1("\n".join(dataset.paths).encode()).hexdigest()}
+    start, skipped = _resume_point(meta_path, info, partials)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     if start:
-        features = np.load(partial, mmap_mode="r+")
-        print(f"{desc}: resuming at image {start} of {n}")
+        arrays = [np.load(p, mmap_mode="r+") for p in partials]
+        tqdm.write(f"{desc}: resuming at image {start + 1} of {len(dataset)}")
     else:
-        features = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n, embedding_size))
-    ok_path = out_path.with_name(out_path.stem + ".partial_ok.npy")
-    ok = np.load(ok_path) if start and ok_path.exists() else np.ones(n, bool)
-    subset = torch.utils.data.Subset(dataset, range(start, n))
-    loader = make_loader(subset, batch_size, num_workers)
-    backbone.eval()
-    with tqdm(total=n, initial=start, desc=desc, unit="img", dynamic_ncols=True) as bar:
+        arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=s) for p, s in zip(partials, shapes)]
+    loader = make_loader(torch.utils.data.Subset(dataset, range(start, len(dataset))), batch_size, num_workers)
+    model.eval()
+    with tqdm(total=len(dataset), initial=start, desc=desc, unit="img", dynamic_ncols=True) as bar:
         for step, batch in enumerate(loader, 1):
             index = batch["index"].numpy()
             good = batch["ok"].numpy().astype(bool)
-            if not good.all():
-                bad = np.flatnonzero(~good)
+            for i in np.flatnonzero(~good):
+                row = int(index[i]) + 1
                 if on_bad_image != "skip":
-                    raise TransfiraError(f"unreadable image at row {index[bad[0]] + 1}: {batch['error'][bad[0]]} "
+                    raise TransfiraError(f"unreadable image at row {row}: {batch['error'][i]} "
                                          "(set on_bad_image = \"skip\" to go on without it)")
-                for i in bad:
-                    tqdm.write(f"skipping row {index[i] + 1}: {batch['error'][i]}")
-            out = backbone(batch["image"].to(device, non_blocking=True)).float().flatten(1).cpu().numpy()
-            if out.shape[1] != embedding_size:
-                raise TransfiraError(f"embedding_size = {embedding_size}, but the encoder outputs {out.shape[1]}-D")
-            finite = np.isfinite(out).all(1)
-            if not finite[good].all():
-                row = index[np.flatnonzero(good & ~finite)[0]]
-                raise TransfiraError(f"non-finite embedding for row {row + 1} ({dataset.paths[row]}): "
-                                     "check the model file and the preprocessing")
-            out[~good] = np.nan
-            features[index] = out
-            ok[index] = good
+                tqdm.write(f"skipping row {row}: {batch['error'][i]}")
+                skipped.append({"row": row, "path": dataset.paths[row - 1], "error": batch["error"][i]})
+            results = model(batch["image"].to(device, non_blocking=True))
+            for name, array, result in zip(names, arrays, results if isinstance(results, tuple) else (results,)):
+                values = result.float().reshape(len(index), -1).cpu().numpy()
+                if values.shape[1] != max(outputs[name][1], 1):
+                    raise TransfiraError(f"the model gives {values.shape[1]} values per image for '{name}', "
+                                         f"expected {max(outputs[name][1], 1)} (check embedding_size)")
+                finite = np.isfinite(values).all(1)
+                if not finite[good].all():
+                    row = int(index[np.flatnonzero(good & ~finite)[0]])
+                    raise TransfiraError(f"non-finite {name} for row {row + 1} ({dataset.paths[row]}): "
+                                         "check the model file and the preprocessing")
+                values[~good] = np.nan
+                array[index] = values if array.ndim == 2 else values[:, 0]
             bar.update(len(index))
             if step % FLUSH_EVERY == 0:
-                features.flush()
-                save_npy(ok_path, ok)
-                _write_progress(meta_path, info, int(index[-1]) + 1)
-    features.flush()
-    del features
-    partial.replace(out_path)
-    for leftover in (meta_path, ok_path):
-        leftover.unlink(missing_ok=True)
-    return np.load(out_path, mmap_mode="r"), ok
+                for array in arrays:
+                    array.flush()
+                with atomic_path(meta_path) as tmp:
+                    tmp.write_text(json.dumps({**info, "rows_done": int(index[-1]) + 1, "skipped": skipped}))
+    for array, partial, path in zip(arrays, partials, paths):
+        array.flush()
+        del array
+        partial.replace(path)
+    meta_path.unlink(missing_ok=True)
+    return {name: np.load(path, mmap_mode="r") for name, path in zip(names, paths)}, skipped
 
 
-def _paths_hash(paths: list[str]) -> str:
-    import hashlib
+def readable_mask(n: int, skipped: list[dict[str, Any]]) -> np.ndarray:
+    """Boolean mask of the images not in ``skipped``."""
+    ok = np.ones(n, bool)
+    ok[[s["row"] - 1 for s in skipped]] = False
+    return ok
 
-    return hashlib.sha1("\n".join(paths).encode()).hexdigest()
+
+def write_skipped(frame: pd.DataFrame, skipped: list[dict[str, Any]], path: Path) -> None:
+    """List skipped images (the input rows plus ``row`` and ``error``), or remove an old list."""
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    rows = np.array([s["row"] for s in skipped])
+    save_csv(frame.iloc[rows - 1].assign(row=rows, error=[s["error"] for s in skipped]), path)
+    print(f"warning: {len(rows)} unreadable image(s) skipped (NaN rows), listed in {path}")

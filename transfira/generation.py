@@ -16,7 +16,7 @@ from .backbone import check_embedding_size, load_backbone, resolve_device
 from .config import REQUIRED
 from .data import AUG_DEFAULTS, ImageDataset, build_transform, read_annotations
 from .errors import TransfiraError
-from .features import extract_features
+from .features import extract_outputs, readable_mask, write_skipped
 from .io import load_id_vectors, save_csv, save_id_vectors, save_npy
 from .labels import center_similarities, certainty_ratio, class_centers
 
@@ -76,9 +76,11 @@ def run_generate(config: dict[str, Any], allow_pickle: bool = False) -> dict[str
         ids = frame[table["label_col_name"]].to_numpy()
         dataset = ImageDataset(table["data_dir"], frame[table["path_col_name"]].tolist(), transform)
         feature_path = outdir / f"{name}_features.npy"
-        features, ok = extract_features(backbone, dataset, feature_path, config["embedding_size"],
-                                        config["batch_size"], config["num_workers"], device,
-                                        config["on_bad_image"], desc=name)
+        arrays, skipped = extract_outputs(backbone, dataset, {"embedding": (feature_path, config["embedding_size"])},
+                                          config["batch_size"], config["num_workers"], device,
+                                          config["on_bad_image"], desc=name)
+        features, ok = arrays.pop("embedding"), readable_mask(len(frame), skipped)
+        write_skipped(frame, skipped, outdir / f"{name}_skipped.csv")
         try:
             if name.endswith("_probes"):
                 center_ids, mu, counts = _gallery_centers(name, table, config, centers, allow_pickle)
@@ -138,9 +140,6 @@ def _write_labels(name, frame, features, ids, ok, center_ids, mu, counts, leave_
     labels["ccs"], labels["nnccs"], labels["ccas"] = ccs, nnccs, ccs - nnccs
     if config["save_cr"]:
         labels["cr"] = certainty_ratio(ccs, nnccs)
-    if not ok.all():
-        save_csv(frame.iloc[np.flatnonzero(~ok)].assign(row=np.flatnonzero(~ok) + 1), outdir / f"{name}_skipped.csv")
-        print(f"[{name}] {int((~ok).sum())} unreadable image(s) skipped, listed in {name}_skipped.csv")
     save_npy(outdir / f"{name}_ccs.npy", ccs)
     save_npy(outdir / f"{name}_nnccs.npy", nnccs)
     save_csv(labels, outdir / f"{name}_labels.csv")

@@ -6,7 +6,6 @@ annotation rows. Aggregation itself is :mod:`transfira.aggregation` (paper eq. 1
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,15 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .aggregation import VARIANTS, WEIGHT_EPS, aggregate_variants
 from .backbone import check_embedding_size, load_backbone, resolve_device
 from .checkpoint import load_predictor_checkpoint
 from .config import REQUIRED
-from .data import AUG_DEFAULTS, ImageDataset, build_transform, make_loader, read_annotations
+from .data import AUG_DEFAULTS, ImageDataset, build_transform, read_annotations
 from .errors import TransfiraError
-from .io import atomic_path, save_csv, save_id_vectors, save_npy
+from .features import extract_outputs, write_skipped
+from .io import save_csv, save_id_vectors
 from .model import RecognizabilityPredictionNetwork
 
 TEST_SCHEMA: dict[str, Any] = {
@@ -35,7 +34,7 @@ TEST_SCHEMA: dict[str, Any] = {
     "head_hidden": 0,  # as in train.py: 0 = linear heads
     "outdir": "output/test_results/",
     "batch_size": 64,
-    "save_features": True,  # write test_features.npy (always written when not aggregated in the same run)
+    "save_features": True,  # keep test_features.npy (always kept when not aggregated in the same run)
     "device": "auto",
     "num_workers": 2,
     "normalize_features": False,  # L2-normalize each feature before aggregating
@@ -65,9 +64,8 @@ def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_score
     written: dict[str, Path] = {}
     features = ccs = ccas = None
     if generate_features or predict_scores:
-        save_features = cfg["save_features"] or not aggregate
-        features, ccs, ccas = embed_and_score(cfg, frame, generate_features, predict_scores, save_features)
-        if generate_features and save_features:
+        features, ccs, ccas = embed_and_score(cfg, frame, generate_features, predict_scores)
+        if generate_features:
             written[FEATURES] = outdir / FEATURES
         if predict_scores:
             written.update({CCS: outdir / CCS, CCAS: outdir / CCAS})
@@ -82,6 +80,9 @@ def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_score
             ccas = load(ccas_path, CCAS, "CCAS", 1)
         written.update(write_templates(features, frame[data["id_col_name"]].to_numpy(), ccs, ccas, variants,
                                        cfg["normalize_features"], outdir))
+        if generate_features and not cfg["save_features"]:
+            del features
+            written.pop(FEATURES).unlink()
     return written
 
 
@@ -205,70 +206,38 @@ def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
     return predictor.to(device).eval()
 
 
-@torch.inference_mode()
-def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool,
-                    save_features: bool = True) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+class EncoderAndPredictor(nn.Module):
+    """Both test-time networks on the same batch: ``(features, ccs, ccas)``, each part optional."""
+
+    def __init__(self, encoder: nn.Module | None, predictor: nn.Module | None):
+        super().__init__()
+        self.encoder, self.predictor = encoder, predictor
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = (self.encoder(images),) if self.encoder is not None else ()
+        return features + (tuple(self.predictor(images)) if self.predictor is not None else ())
+
+
+def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """One pass over the test images: encoder features [N, D] and/or predicted CCS, CCAS [N].
 
-    Writes ``test_features.npy`` (streamed through a memmap; when ``save_features``),
-    ``test_ccs.npy``, ``test_ccas.npy`` and, for skipped images, ``test_skipped.csv``.
+    Writes ``test_features.npy``, ``test_ccs.npy``, ``test_ccas.npy`` (streamed through
+    memmaps; an interrupted run resumes) and, for skipped images, ``test_skipped.csv``.
     Rows of skipped images are NaN. Returns ``(features, ccs, ccas)`` (None where not computed).
     """
     device = resolve_device(cfg["device"])
-    encoder = load_encoder(cfg, device) if features else None
-    predictor = load_predictor(cfg, device) if scores else None
     data, outdir = cfg["data"], Path(cfg["outdir"])
+    outputs = {}
+    if features:
+        outputs["embedding"] = (outdir / FEATURES, cfg["embedding_size"])
+    if scores:
+        outputs.update({"predicted CCS": (outdir / CCS, 0), "predicted CCAS": (outdir / CCAS, 0)})
+    model = EncoderAndPredictor(load_encoder(cfg, device) if features else None,
+                                load_predictor(cfg, device) if scores else None)
     paths = frame[data["path_col_name"]].astype(str).tolist()
     dataset = ImageDataset(data["data_dir"], paths, build_transform(cfg["aug"], train=False))
-    loader = make_loader(dataset, data["batch_size"] or cfg["batch_size"], cfg["num_workers"])
-    n, dim = len(paths), cfg["embedding_size"]
-    feats = ccs = ccas = None
-    skipped = []
-    with contextlib.ExitStack() as stack:
-        if encoder is not None and save_features:
-            tmp = stack.enter_context(atomic_path(outdir / FEATURES))
-            feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
-        elif encoder is not None:
-            feats = np.empty((n, dim), np.float32)
-        if predictor is not None:
-            ccs, ccas = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
-        for batch in tqdm(loader, desc="test images", total=len(loader), unit="batch", dynamic_ncols=True):
-            index = batch["index"].numpy()
-            good = batch["ok"].numpy().astype(bool)
-            for i in np.flatnonzero(~good):
-                row = int(index[i])
-                if cfg["on_bad_image"] != "skip":
-                    raise TransfiraError(f"unreadable image at row {row + 1}: {batch['error'][i]} "
-                                         "(set on_bad_image = \"skip\" to go on without it)")
-                tqdm.write(f"skipping row {row + 1}: {batch['error'][i]}")
-                skipped.append({"row": row + 1, "path": paths[row], "error": batch["error"][i]})
-            images = batch["image"].to(device, non_blocking=True)
-            outputs = []
-            if encoder is not None:
-                outputs.append((feats, encoder(images).float().flatten(1).cpu().numpy(), "embedding"))
-            if predictor is not None:
-                c, a = predictor(images)
-                outputs += [(ccs, c.float().flatten().cpu().numpy(), "predicted CCS"),
-                            (ccas, a.float().flatten().cpu().numpy(), "predicted CCAS")]
-            for target, values, what in outputs:
-                finite = np.isfinite(values).reshape(len(values), -1).all(1)
-                if not finite[good].all():
-                    row = int(index[np.flatnonzero(good & ~finite)[0]])
-                    raise TransfiraError(f"non-finite {what} for row {row + 1} ({paths[row]}): check the model "
-                                         "files and the preprocessing")
-                values[~good] = np.nan
-                target[index] = values
-        if isinstance(feats, np.memmap):
-            feats.flush()
-    if isinstance(feats, np.memmap):
-        feats = np.load(outdir / FEATURES, mmap_mode="r")
-    if predictor is not None:
-        save_npy(outdir / CCS, ccs)
-        save_npy(outdir / CCAS, ccas)
-    if skipped:
-        save_csv(pd.DataFrame(skipped), outdir / SKIPPED)
-        print(f"warning: {len(skipped)} unreadable image(s) skipped (NaN rows, left out of templates), "
-              f"listed in {outdir / SKIPPED}", file=sys.stderr)
-    else:
-        (outdir / SKIPPED).unlink(missing_ok=True)
-    return feats, ccs, ccas
+    arrays, skipped = extract_outputs(model, dataset, outputs, data["batch_size"] or cfg["batch_size"],
+                                      cfg["num_workers"], device, cfg["on_bad_image"], desc="test images")
+    write_skipped(frame, skipped, outdir / SKIPPED)
+    return arrays.get("embedding"), arrays.get("predicted CCS"), arrays.get("predicted CCAS")
