@@ -12,9 +12,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-echo "setup: installing into .venv (PyTorch is large; the first run takes a few minutes)"
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v -i "warning" || true
-.venv/bin/python -c "import torch, torchvision" 2>/dev/null || .venv/bin/python -m pip install -q $TORCH_SPEC 2>&1 | grep -v -i "warning" || true
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v -i "warning" || true
+echo "setup: installing into .venv (PyTorch is large; the first run takes a few minutes; log: .venv/setup.log)"
+log=.venv/setup.log
+pip_install() { .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1 || { tail -n 30 "$log" >&2; echo "setup: pip install $* failed (see $log)" >&2; exit 1; }; }
+: >"$log"
+.venv/bin/python -c "import torch, torchvision" 2>/dev/null || pip_install $TORCH_SPEC
+pip_install -e ".[dev]"
 .venv/bin/python -c "import torch, torchvision, onnx2torch, transfira" || { echo "setup: installation failed" >&2; exit 1; }
 echo "$want" > "$stamp"
