@@ -18,7 +18,7 @@ from .data import AUG_DEFAULTS, ImageDataset, build_transform, read_annotations
 from .errors import TransfiraError
 from .features import extract_outputs, readable_mask, write_skipped
 from .io import load_id_vectors, save_csv, save_id_vectors, save_npy
-from .labels import center_similarities, certainty_ratio, class_centers
+from .labels import center_similarities, certainty_ratio, class_centers, class_index
 
 TABLE_SCHEMA = {
     "data_dir": REQUIRED,
@@ -74,26 +74,28 @@ def run_generate(config: dict[str, Any], allow_pickle: bool = False) -> dict[str
     for name in tables:
         table, frame = config[name], frames[name]
         ids = frame[table["label_col_name"]].to_numpy()
+        ids = ids.astype(str) if ids.dtype == object else ids  # mixed numbers and names: compare as text
         dataset = ImageDataset(table["data_dir"], frame[table["path_col_name"]].tolist(), transform)
         feature_path = outdir / f"{name}_features.npy"
         arrays, skipped = extract_outputs(backbone, dataset, {"embedding": (feature_path, config["embedding_size"])},
                                           config["batch_size"], config["num_workers"], device,
                                           config["on_bad_image"], desc=name)
-        features, ok = arrays.pop("embedding"), readable_mask(len(frame), skipped)
         write_skipped(frame, skipped, outdir / f"{name}_skipped.csv")
+        rows = np.flatnonzero(readable_mask(len(frame), skipped))
+        features = arrays.pop("embedding")
+        features = features if len(rows) == len(frame) else features[rows]  # a memmap stays on disk
         try:
             if name.endswith("_probes"):
                 center_ids, mu, counts = _gallery_centers(name, table, config, centers, allow_pickle)
                 leave_one_out = False
             else:
-                center_ids, mu = class_centers(features[ok] if not ok.all() else features, ids[ok],
-                                               config["normalize_centers"], device=device)
-                counts = np.bincount(np.searchsorted(center_ids, ids[ok]), minlength=len(center_ids))
+                center_ids, mu = class_centers(features, ids[rows], config["normalize_centers"], device=device)
+                counts = np.bincount(class_index(ids[rows], center_ids), minlength=len(center_ids))
                 save_id_vectors(outdir / f"{name}_centers.npz", center_ids, mu)
                 centers[name] = (center_ids, mu, counts)
                 leave_one_out = config["leave_one_out"]
             if not name.endswith("_gallery"):
-                written[name] = _write_labels(name, frame, features, ids, ok, center_ids, mu, counts,
+                written[name] = _write_labels(name, frame, features, ids[rows], rows, center_ids, mu, counts,
                                               leave_one_out, config, device, outdir)
         except TransfiraError as err:
             raise TransfiraError(f"[{name}] {err}") from None
@@ -127,15 +129,18 @@ def _gallery_centers(name: str, table: dict, config: dict, centers: dict, allow_
                          f"or provide {saved}")
 
 
-def _write_labels(name, frame, features, ids, ok, center_ids, mu, counts, leave_one_out, config, device, outdir):
-    """Write ``{name}_ccs.npy``, ``{name}_nnccs.npy`` and ``{name}_labels.csv`` (input rows + labels)."""
+def _write_labels(name, frame, features, ids, rows, center_ids, mu, counts, leave_one_out, config, device, outdir):
+    """Write ``{name}_ccs.npy``, ``{name}_nnccs.npy`` and ``{name}_labels.csv`` (input rows + labels).
+
+    ``features`` and ``ids`` are those of the readable images, at CSV positions ``rows``;
+    the other rows get NaN labels.
+    """
     n = len(frame)
     ccs = np.full(n, np.nan, np.float32)
     nnccs = np.full(n, np.nan, np.float32)
-    rows = np.flatnonzero(ok)
     ccs[rows], nnccs[rows] = center_similarities(
-        features[rows] if len(rows) < n else features, ids[rows], center_ids, mu, leave_one_out=leave_one_out,
-        counts=counts, normalize=config["normalize_centers"], chunk_size=config["chunk_size"] or None, device=device)
+        features, ids, center_ids, mu, leave_one_out=leave_one_out, counts=counts,
+        normalize=config["normalize_centers"], chunk_size=config["chunk_size"] or None, device=device)
     labels = frame.copy()
     labels["ccs"], labels["nnccs"], labels["ccas"] = ccs, nnccs, ccs - nnccs
     if config["save_cr"]:
