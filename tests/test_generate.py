@@ -169,6 +169,14 @@ def test_feature_extraction_resumes(tmp_path, demo_dir, monkeypatch):
     assert not skipped and not (tmp_path / "resumed.partial.json").exists()
     assert calls["n"] + 1000 == (len(frame) - 4 * 32 + 31) // 32  # restarted after the 4 flushed batches
 
+    # An interrupted run with another model or preprocessing (fingerprint) starts over.
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        extract("other.npy")
+    calls["n"] = -1000
+    feat.extract_outputs(net, dataset, {"f": (tmp_path / "other.npy", 64)}, 32, 0, fingerprint=["another model"])
+    assert calls["n"] + 1000 == (len(frame) + 31) // 32
+
 
 def test_non_finite_embedding_is_an_error(tmp_path, demo_dir):
     import torch

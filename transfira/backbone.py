@@ -145,7 +145,6 @@ def make_initializers_trainable(net: nn.Module) -> None:
             holder.register_parameter(name, nn.Parameter(buf.detach().clone()))
 
 
-make_buffers_trainable = make_initializers_trainable  # earlier name
 
 
 def onnx_weight_count(onnx_model) -> int:

@@ -259,7 +259,8 @@ def calibrate_csv(csv: str | Path, outdir: str | Path, model: str | Path | None 
     """``calibrate.py``: fit on ``csv`` (or apply the calibrator JSON ``model``) and write outputs.
 
     Writes ``calibrated_labels.csv``, ``calibration_metrics.json``, ``calibrator.json`` (fit
-    only) and the plots into ``outdir``. Everything is computed before anything is written.
+    only) and the plots into ``outdir``. Labels and calibrator are computed before anything is
+    written; the plots come last.
     Returns the metrics.
     """
     csv, outdir = Path(csv), Path(outdir)

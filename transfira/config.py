@@ -76,8 +76,3 @@ def apply_schema(raw: dict[str, Any], schema: dict[str, Any], source: str, table
             out[key] = copy.deepcopy(spec)
     return out
 
-
-def resolve_path(value: str, base: str | Path | None = None) -> Path:
-    """Expand ``~``; relative paths stay relative to the working directory (like the reference)."""
-    p = Path(value).expanduser()
-    return p if (p.is_absolute() or base is None) else Path(base) / p

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from . import evaluation as ev
+from .backbone import resolve_device
 from .config import apply_schema, read_toml
 from .errors import TransfiraError
 from .io import atomic_path, load_id_vectors, save_csv
@@ -57,8 +58,9 @@ def load_evaluate_config(path: str | Path) -> dict[str, Any]:
         raise TransfiraError(f"{path}: 'fmr' must be a non-empty list of numbers in (0, 1]")
     if not cfg["templates"] and not cfg["images"]["labels"]:
         raise TransfiraError(f"{path}: nothing to evaluate: give [templates] and/or [images] labels")
-    if not 0 < cfg["images"]["max_discard"] < 1:
-        raise TransfiraError(f"{path}: [images] max_discard must lie in (0, 1)")
+    if not PAUC_UPTO <= cfg["images"]["max_discard"] < 1:
+        raise TransfiraError(f"{path}: [images] max_discard must lie in [{PAUC_UPTO}, 1) (the EDC partial area "
+                             f"runs to {PAUC_UPTO})")
     return cfg
 
 
@@ -285,8 +287,7 @@ def run(cfg: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     out, fmrs = Path(cfg["outdir"]), cfg["fmr"]
-    name = str(cfg["device"])
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    device = resolve_device(str(cfg["device"]))
     md = ["# TransFIRA evaluation", ""]
     written = []
     if cfg["templates"]:

@@ -44,13 +44,16 @@ def _resume_point(meta_path: Path, info: dict, partials: list[Path]) -> tuple[in
 @torch.inference_mode()
 def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[str, tuple[Path, int]],
                     batch_size: int = 64, num_workers: int = 2, device: torch.device | str = "cpu",
-                    on_bad_image: str = "error", desc: str = "images") -> tuple[dict[str, np.ndarray], list[dict]]:
+                    on_bad_image: str = "error", desc: str = "images", fingerprint: Any = None
+                    ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Run ``model`` over ``dataset`` and write each of its outputs to its own ``.npy``.
 
     ``outputs`` maps a name to ``(path, width)``, in the order of the model's outputs (a
     tensor, or a tuple of tensors); width D gives an [N, D] array, width 0 an [N] vector.
     Returns the read-only memmaps by name and the skipped images (``row`` 1-based,
-    ``path``, ``error``); their rows are NaN. Non-finite outputs are errors.
+    ``path``, ``error``); their rows are NaN. Non-finite outputs are errors. A run resumes
+    only when the images, outputs and ``fingerprint`` (model files, preprocessing; any JSON
+    value) are those of the interrupted one.
     """
     names = list(outputs)
     paths = [Path(outputs[k][0]) for k in names]
@@ -58,7 +61,8 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
     partials = [_partial(p) for p in paths]
     meta_path = _partial(paths[0], ".partial.json")
     info = {"rows": len(dataset), "outputs": [[str(p), list(s)] for p, s in zip(paths, shapes)],
-            "paths_hash": hashlib.sha1("\n".join(dataset.paths).encode()).hexdigest()}
+            "paths_hash": hashlib.sha1("\n".join(dataset.paths).encode()).hexdigest(),
+            "fingerprint": json.loads(json.dumps(fingerprint))}
     start, skipped = _resume_point(meta_path, info, partials)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     if start:

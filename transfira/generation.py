@@ -17,7 +17,7 @@ from .config import REQUIRED
 from .data import AUG_DEFAULTS, ImageDataset, build_transform, read_annotations
 from .errors import TransfiraError
 from .features import extract_outputs, readable_mask, write_skipped
-from .io import load_id_vectors, save_csv, save_id_vectors, save_npy
+from .io import file_fingerprint, load_id_vectors, save_csv, save_id_vectors, save_npy
 from .labels import center_similarities, certainty_ratio, class_centers, class_index
 
 TABLE_SCHEMA = {
@@ -79,7 +79,8 @@ def run_generate(config: dict[str, Any], allow_pickle: bool = False) -> dict[str
         feature_path = outdir / f"{name}_features.npy"
         arrays, skipped = extract_outputs(backbone, dataset, {"embedding": (feature_path, config["embedding_size"])},
                                           config["batch_size"], config["num_workers"], device,
-                                          config["on_bad_image"], desc=name)
+                                          config["on_bad_image"], desc=name,
+                                          fingerprint=[file_fingerprint(config["model_path"]), config["aug"]])
         write_skipped(frame, skipped, outdir / f"{name}_skipped.csv")
         rows = np.flatnonzero(readable_mask(len(frame), skipped))
         features = arrays.pop("embedding")

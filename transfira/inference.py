@@ -22,7 +22,7 @@ from .config import REQUIRED
 from .data import AUG_DEFAULTS, ImageDataset, build_transform, read_annotations
 from .errors import TransfiraError
 from .features import extract_outputs, write_skipped
-from .io import save_csv, save_id_vectors
+from .io import file_fingerprint, pickle_refused, save_csv, save_id_vectors
 from .model import RecognizabilityPredictionNetwork
 
 TEST_SCHEMA: dict[str, Any] = {
@@ -44,6 +44,7 @@ TEST_SCHEMA: dict[str, Any] = {
     "data": {"data_dir": "", "annotations": REQUIRED, "path_col_name": "path", "id_col_name": "template_id",
              "batch_size": 0},  # batch_size 0: the top-level batch_size
 }
+FINGERPRINT_KEYS = ("model_path", "predictor_model_path", "checkpoint_path")  # a resumed pass needs the same files
 FEATURES, CCS, CCAS, SKIPPED = "test_features.npy", "test_ccs.npy", "test_ccas.npy", "test_skipped.csv"
 
 
@@ -134,8 +135,7 @@ def load_rows(path: str | Path, frame: pd.DataFrame, data: dict[str, Any], what:
     except (OSError, ValueError) as err:
         raise TransfiraError(f"{path}: cannot read {what} (expected a .npy file): {err}") from None
     if array is None and not allow_pickle:
-        raise TransfiraError(f"{path} is a pickle (the reference's format); unpickling can run code from the "
-                             "file, so it is refused. If you trust the file, pass --allow-pickle.")
+        raise pickle_refused(path)
     if array is None:
         array = _unpickled_rows(np.load(path, allow_pickle=True), frame[data["path_col_name"]], path)
     if not isinstance(array, np.ndarray):
@@ -238,6 +238,7 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     paths = frame[data["path_col_name"]].astype(str).tolist()
     dataset = ImageDataset(data["data_dir"], paths, build_transform(cfg["aug"], train=False))
     arrays, skipped = extract_outputs(model, dataset, outputs, data["batch_size"] or cfg["batch_size"],
-                                      cfg["num_workers"], device, cfg["on_bad_image"], desc="test images")
+                                      cfg["num_workers"], device, cfg["on_bad_image"], desc="test images",
+                                      fingerprint=[file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS] + [cfg["aug"]])
     write_skipped(frame, skipped, outdir / SKIPPED)
     return arrays.get("embedding"), arrays.get("predicted CCS"), arrays.get("predicted CCAS")

@@ -29,6 +29,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def file_fingerprint(path: str | Path) -> list:
+    """``[path, size, mtime_ns]`` of a file (``[]`` for no file): tells whether an input changed."""
+    if not path or not Path(path).is_file():
+        return []
+    stat = Path(path).stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     """``np.save`` atomically (no pickle)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -56,6 +64,12 @@ def save_id_vectors(path: str | Path, ids, vectors: np.ndarray) -> None:
         np.savez(f, ids=ids, vectors=vectors)
 
 
+def pickle_refused(path: str | Path) -> TransfiraError:
+    """The error for a pickled file read without the user's opt-in."""
+    return TransfiraError(f"{path} is a pickle (the reference's format); unpickling can run code from the file, "
+                          "so it is refused. If you trust the file, pass --allow-pickle.")
+
+
 def load_id_vectors(path: str | Path, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read an id -> vector file written by :func:`save_id_vectors`.
 
@@ -80,10 +94,7 @@ def load_id_vectors(path: str | Path, allow_pickle: bool = False) -> tuple[np.nd
                 raise TransfiraError(f"{path}: expected arrays 'ids' and 'vectors', found {data.files}")
             return data["ids"], data["vectors"].astype(np.float32, copy=False)
     if not allow_pickle:
-        raise TransfiraError(
-            f"{path} is a pickled dictionary (the reference's format); unpickling can run code "
-            "from the file, so it is refused. If you trust the file, pass --allow-pickle."
-        )
+        raise pickle_refused(path)
     obj = np.load(path, allow_pickle=True)
     mapping = obj.item() if obj.dtype == object and obj.shape == () else None
     if not isinstance(mapping, dict) or not mapping:
@@ -113,11 +124,11 @@ def read_annotations(csv_path: str | Path, columns: Sequence[str]) -> pd.DataFra
     for col in columns:
         bad = np.flatnonzero(frame[col].isna().to_numpy())
         if len(bad):
-            raise TransfiraError(f"{csv_path}: empty value in column '{col}' at row(s) {_rows(bad)}")
+            raise TransfiraError(f"{csv_path}: empty value in column '{col}' at row(s) {format_rows(bad)}")
     return frame
 
 
-def _rows(indices: np.ndarray, most: int = 5) -> str:
+def format_rows(indices: np.ndarray, most: int = 5) -> str:
     """CSV row numbers (1 = first data row) of ``indices``, the first few."""
     shown = ", ".join(str(i + 1) for i in indices[:most])
     return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")

@@ -27,9 +27,16 @@ from . import distributed as dist_utils
 from .backbone import check_embedding_size, load_backbone, resolve_device
 from .checkpoint import read_state, save_predictor, save_state
 from .config import REQUIRED, apply_schema
-from .data import AUG_DEFAULTS, ImageDataset, build_transform, make_loader, read_annotations
+from .data import (
+    AUG_DEFAULTS,
+    ImageDataset,
+    build_transform,
+    make_loader,
+    read_annotations,
+)
 from .errors import TransfiraError
-from .io import atomic_path, save_csv
+from .evaluation import spearman
+from .io import atomic_path, format_rows, save_csv
 from .model import RecognizabilityPredictionNetwork
 
 _TABLE = {"data_dir": REQUIRED, "annotations": REQUIRED, "path_col_name": "path", "ccs_col_name": "ccs",
@@ -61,7 +68,6 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.o
 LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss, "smoothl1": nn.functional.smooth_l1_loss}
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESUME_FILE = "resume.pt"
-METRICS = ("mae", "pearson", "spearman")
 
 
 def check_config(cfg: dict[str, Any], source: str = "config") -> None:
@@ -94,12 +100,6 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
             raise bad(f"opt.{key}", opt[key], "expected a non-negative number" + (" > 0" if key == "lr" else ""))
 
 
-def _rows(indices: np.ndarray, most: int = 5) -> str:
-    """CSV row numbers (1 = first data row) of ``indices``, the first few."""
-    shown = ", ".join(str(i + 1) for i in indices[:most])
-    return shown + (f" and {len(indices) - most} more" if len(indices) > most else "")
-
-
 def read_targets(table: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     """Image paths and ``[N, 2]`` float32 (CCS, CCAS) targets of a ``[data]``/``[val]`` table."""
     csv = Path(table["annotations"])
@@ -110,7 +110,7 @@ def read_targets(table: dict[str, Any]) -> tuple[list[str], np.ndarray]:
         values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
-            raise TransfiraError(f"{csv}: non-finite or non-numeric label in column '{col}' at row(s) {_rows(bad)}")
+            raise TransfiraError(f"{csv}: non-finite or non-numeric label in column '{col}' at row(s) {format_rows(bad)}")
         targets[:, j] = values
     return frame[cols[0]].astype(str).tolist(), targets
 
@@ -125,13 +125,11 @@ def build_model(cfg: dict[str, Any], device: torch.device) -> RecognizabilityPre
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """MAE, Pearson and Spearman correlation of ``pred`` against ``target`` (NaN when undefined)."""
-    from scipy.stats import spearmanr
-
     pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
     out = {"mae": float(np.abs(pred - target).mean()), "pearson": math.nan, "spearman": math.nan}
     if len(pred) > 1 and pred.std() > 0 and target.std() > 0:
         out["pearson"] = float(np.corrcoef(pred, target)[0, 1])
-        out["spearman"] = float(spearmanr(pred, target).statistic)
+        out["spearman"] = spearman(pred, target)
     return out
 
 
@@ -376,6 +374,7 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
         if batches_done == 0:
             seed_everything(cfg["seed"] + 1_000_003 * (epoch + 1) + info.rank)  # per-epoch worker seeds and augmentation
         loader = make_loader(train_set, batch_size, cfg["num_workers"], sampler=SkipSampler(sampler, batches_done * batch_size),
+                             persistent=False,
                              drop_last=drop_last)
         ddp.train()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not main,
@@ -438,7 +437,8 @@ def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, 
     from .checkpoint import _shown
 
     path = resume_path(resume)
-    needed = {"model", "optimizer", "scheduler", "scaler", "epoch", "batches_done", "step", "rng"}
+    needed = {"model", "optimizer", "scheduler", "scaler", "epoch", "batches_done", "step", "rng", "world_size",
+              "batch_size", "loss_sum", "loss_count"}
     if not isinstance(state, dict) or not needed <= set(state):
         raise TransfiraError(f"{path}: not a resume file (expected keys {', '.join(sorted(needed))})")
     if state["batches_done"] and (state["world_size"], state["batch_size"]) != (info.world_size, batch_size):
