@@ -56,6 +56,8 @@ SCHEMA: dict[str, Any] = {
     "save_every_steps": 0,  # also write resume.pt every this many optimizer steps (0: at epoch ends only)
     "head_hidden": 0,  # 0: linear heads (paper); > 0: one ReLU hidden layer of this width
     "freeze_backbone": False,  # train the heads only, backbone in eval mode (CR-FIQA-style ablation)
+    "head_init": "xavier",  # "xavier" (paper) or "ridge": linear heads start at the ridge fit on the features
+    "head_init_l2": 1e-3,  # ridge penalty, relative to the mean squared feature norm
     "on_bad_image": "error",  # "error" | "skip"
     "aug": dict(AUG_DEFAULTS),
     "data": dict(_TABLE),
@@ -84,6 +86,10 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
         raise bad("amp", cfg["amp"], "expected 'bf16', 'fp16' or 'none'")
     if cfg["on_bad_image"] not in ("error", "skip"):
         raise bad("on_bad_image", cfg["on_bad_image"], "expected 'error' or 'skip'")
+    if cfg["head_init"] not in ("xavier", "ridge"):
+        raise bad("head_init", cfg["head_init"], "expected 'xavier' or 'ridge'")
+    if cfg["head_init"] == "ridge" and cfg["head_hidden"]:
+        raise bad("head_init", cfg["head_init"], "the ridge start needs linear heads (head_hidden = 0)")
     positive = {"save_per_epoch": cfg["save_per_epoch"], "grad_accum_steps": cfg["grad_accum_steps"],
                 "embedding_size": cfg["embedding_size"], "opt.num_epochs": opt["num_epochs"],
                 "data.batch_size": cfg["data"]["batch_size"], "val.batch_size": cfg["val"]["batch_size"]}
@@ -121,6 +127,42 @@ def build_model(cfg: dict[str, Any], device: torch.device) -> RecognizabilityPre
     check_embedding_size(backbone, cfg["embedding_size"], cfg["aug"]["crop_dim"], cfg["model_path"])
     return RecognizabilityPredictionNetwork(backbone, cfg["embedding_size"], cfg["head_hidden"],
                                             cfg["freeze_backbone"]).to(device)
+
+
+@torch.inference_mode()
+def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageDataset, batch_size: int,
+                     num_workers: int, info: dist_utils.DistInfo, l2: float = 1e-3) -> None:
+    """Start the linear heads at the ridge regression of (CCS, CCAS) on the encoder's features.
+
+    Xavier-initialized heads on raw embeddings (norm ~20-70) start with outputs far outside
+    [-1, 1]; short runs then spend their steps on that scale. One pass over the training
+    images (eval mode, no gradients) accumulates X^T X and X^T y in float64, summed over
+    processes, and solves ``(X^T X + l2 * mean|z|^2 * N * I) w = X^T y`` (bias unpenalized).
+    """
+    sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=False)
+    loader = make_loader(dataset, batch_size, num_workers, sampler=sampler, persistent=False)
+    was_training = model.backbone.training
+    model.backbone.eval()
+    dim = model.ccs_layer.in_features
+    xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=info.device)
+    xty = torch.zeros(dim + 1, 2, dtype=torch.float64, device=info.device)
+    for batch in tqdm(loader, desc="ridge head init", leave=False, disable=not info.is_main):
+        keep = batch["ok"].bool()
+        z = model.backbone(batch["image"][keep].to(info.device)).flatten(1).double()
+        x = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)
+        xtx += x.T @ x
+        xty += x.T @ batch["target"][keep].to(info.device).double()
+    for total in (xtx, xty):
+        dist_utils.all_reduce_sum(total)
+    n = xtx[dim, dim]
+    penalty = l2 * xtx.diagonal()[:dim].sum()  # l2 * N * mean squared norm
+    solution = torch.linalg.solve(xtx + torch.diag(torch.cat([penalty.repeat(dim), penalty.new_zeros(1)])), xty)
+    for k, head in enumerate((model.ccs_layer, model.ccas_layer)):
+        head.weight.copy_(solution[:dim, k].to(head.weight.dtype)[None])
+        head.bias.copy_(solution[dim, k].to(head.bias.dtype)[None])
+    model.backbone.train(was_training)
+    if info.is_main:
+        tqdm.write(f"heads initialized by ridge regression on {int(n)} training images' features")
 
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -329,6 +371,8 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
         writer = SummaryWriter(str(Path(cfg["checkpoint_outdir"]) / "runs" / run_dir.name),
                                purge_step=start_epoch + 1 if state is not None else None)
 
+    if state is None and cfg["head_init"] == "ridge":
+        ridge_init_heads(model, train_set, batch_size, cfg["num_workers"], info, cfg["head_init_l2"])
     ddp = model
     if info.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
