@@ -24,7 +24,7 @@ import pandas as pd
 from scipy.special import expit
 
 from .errors import TransfiraError
-from .io import atomic_path, read_annotations, save_csv
+from .io import atomic_path, read_annotations, save_csv, save_json
 
 FORMAT = "transfira.sigmoid_calibrator"
 FOLD_FIELDS = ("coef", "intercept", "a", "b")
@@ -159,8 +159,7 @@ def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def save_calibrator(params: Mapping[str, Any], path: str | Path) -> None:
     """Write calibrator parameters as JSON (atomically; floats round-trip exactly)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(params, indent=2) + "\n")
+    save_json(path, params)
 
 
 def load_calibrator(path: str | Path) -> dict[str, Any]:
@@ -277,8 +276,7 @@ def calibrate_csv(csv: str | Path, outdir: str | Path, model: str | Path | None 
     save_csv(labels, outdir / LABELS_FILE)
     if model is None:
         save_calibrator(params, outdir / MODEL_FILE)
-    with atomic_path(outdir / METRICS_FILE) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    save_json(outdir / METRICS_FILE, metrics)
     if plots:
         plot_calibration(labels, outdir)
     return metrics

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .data import ImageDataset, make_loader
 from .errors import TransfiraError
-from .io import atomic_path, save_csv
+from .io import save_csv, save_json
 
 FLUSH_EVERY = 50  # batches between progress records
 
@@ -100,8 +100,7 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
             if step % FLUSH_EVERY == 0:
                 for array in arrays:
                     array.flush()
-                with atomic_path(meta_path) as tmp:
-                    tmp.write_text(json.dumps({**info, "rows_done": int(index[-1]) + 1, "skipped": skipped}))
+                save_json(meta_path, {**info, "rows_done": int(index[-1]) + 1, "skipped": skipped})
     for array, partial, path in zip(arrays, partials, paths):
         array.flush()
         del array

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,12 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
     """``np.save`` atomically (no pickle)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (values JSON cannot hold are written as text)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def save_csv(frame, path: str | Path) -> None:

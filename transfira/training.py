@@ -9,7 +9,6 @@ logs go to ``{checkpoint_outdir}/runs/{run_name}/``.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -36,7 +35,7 @@ from .data import (
 )
 from .errors import TransfiraError
 from .evaluation import spearman
-from .io import atomic_path, format_rows, save_csv
+from .io import format_rows, save_csv, save_json
 from .model import RecognizabilityPredictionNetwork
 
 _TABLE = {"data_dir": REQUIRED, "annotations": REQUIRED, "path_col_name": "path", "ccs_col_name": "ccs",
@@ -269,11 +268,6 @@ def resume_path(path: str | Path) -> Path:
     return path / RESUME_FILE if path.is_dir() else path
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
 def _append_metrics(path: Path, row: dict[str, Any]) -> None:
     """Add ``row`` to ``metrics.csv`` (replacing rows of the same or later epochs: a resumed run redoes them)."""
     frame = pd.read_csv(path) if path.is_file() else pd.DataFrame()
@@ -365,7 +359,7 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
                 if stale.exists():
                     warnings.warn(f"{run_dir} already holds a run; starting over (its {stale.name} is replaced)")
                     stale.unlink()
-        _write_json(run_dir / "run_params.json", {**cfg, "world_size": info.world_size, "torch": torch.__version__,
+        save_json(run_dir / "run_params.json", {**cfg, "world_size": info.world_size, "torch": torch.__version__,
                                                     "resumed_from": str(resume) if resume else None})
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(Path(cfg["checkpoint_outdir"]) / "runs" / run_dir.name),
