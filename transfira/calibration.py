@@ -24,7 +24,7 @@ import pandas as pd
 from scipy.special import expit
 
 from .errors import TransfiraError
-from .io import atomic_path, read_annotations, save_csv, save_json
+from .io import atomic_path, numeric_column, read_annotations, save_csv, save_json
 
 FORMAT = "transfira.sigmoid_calibrator"
 FOLD_FIELDS = ("coef", "intercept", "a", "b")
@@ -42,8 +42,7 @@ def read_scores(frame: pd.DataFrame, column: str, source: str = "CSV") -> np.nda
         raise TransfiraError(
             f"{source}: missing column '{column}' (present: {', '.join(map(str, frame.columns))})"
         )
-    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(values))
+    values, bad = numeric_column(frame, column)
     if bad.size:
         rows = ", ".join(str(i + 1) for i in bad[:5]) + (", ..." if bad.size > 5 else "")
         raise TransfiraError(

@@ -13,7 +13,7 @@ from . import evaluation as ev
 from .backbone import resolve_device
 from .config import apply_schema, read_toml
 from .errors import TransfiraError
-from .io import atomic_path, load_id_vectors, save_csv
+from .io import atomic_path, load_id_vectors, numeric_column, save_csv
 
 SCHEMA: dict[str, Any] = {
     "outdir": "output/evaluation/",
@@ -82,9 +82,9 @@ def read_table(path: str, columns: list[str], what: str) -> pd.DataFrame:
 
 
 def numeric(frame: pd.DataFrame, col: str, path: str) -> np.ndarray:
-    values = pd.to_numeric(frame[col], errors="coerce").to_numpy(np.float64)
-    if not np.isfinite(values).all():
-        bad = frame[col][~np.isfinite(values)].head(3).tolist()
+    values, bad_rows = numeric_column(frame, col)
+    if len(bad_rows):
+        bad = frame[col].iloc[bad_rows[:3]].tolist()
         raise TransfiraError(f"{path}: column '{col}' has non-numeric or missing values, e.g. {bad}")
     return values
 

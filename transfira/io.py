@@ -135,6 +135,12 @@ def read_annotations(csv_path: str | Path, columns: Sequence[str]) -> pd.DataFra
     return frame
 
 
+def numeric_column(frame: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """``column`` as float64 and the (0-based) positions of its non-numeric or non-finite values."""
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+    return values, np.flatnonzero(~np.isfinite(values))
+
+
 def format_rows(indices: np.ndarray, most: int = 5) -> str:
     """CSV row numbers (1 = first data row) of ``indices``, the first few."""
     shown = ", ".join(str(i + 1) for i in indices[:most])

@@ -35,7 +35,7 @@ from .data import (
 )
 from .errors import TransfiraError
 from .evaluation import spearman
-from .io import format_rows, save_csv, save_json
+from .io import format_rows, numeric_column, save_csv, save_json
 from .model import RecognizabilityPredictionNetwork
 
 _TABLE = {"data_dir": REQUIRED, "annotations": REQUIRED, "path_col_name": "path", "ccs_col_name": "ccs",
@@ -112,8 +112,7 @@ def read_targets(table: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     frame = read_annotations(csv, cols)
     targets = np.empty((len(frame), 2), np.float32)
     for j, col in enumerate(cols[1:]):
-        values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(values))
+        values, bad = numeric_column(frame, col)
         if len(bad):
             raise TransfiraError(f"{csv}: non-finite or non-numeric label in column '{col}' at row(s) {format_rows(bad)}")
         targets[:, j] = values
