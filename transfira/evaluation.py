@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from .progress import progress as progress_bar
 
 HIST_BINS = 20000  # impostor histogram over [-1, 1] for the ROC (bin width 1e-4)
 
@@ -140,7 +141,7 @@ def all_vs_all_scores(
     ``chunk_size`` x ``chunk_size`` scores (memory O(chunk_size^2 + G + k_max)); keeps every
     genuine score with its indices (``genuine_pairs[:, 1]`` indexes the probes when given), the
     top floor(max(fmrs) * N_impostor) impostor scores and an impostor histogram. ``progress``:
-    show a tqdm bar over blocks (a string names it).
+    show progress over blocks (a string names it).
     """
     cross = probe_features is not None
     if cross != (probe_subjects is not None):
@@ -155,7 +156,7 @@ def all_vs_all_scores(
     gen, gen_idx, top = [], [], torch.empty(0, device=device, dtype=dtype)
     thr = torch.tensor(-math.inf, device=device, dtype=dtype)
     hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
-    for i, j in tqdm(blocks, desc=progress if isinstance(progress, str) else "scoring", unit="block",
+    for i, j in progress_bar(blocks, desc=progress if isinstance(progress, str) else "scoring", unit="block",
                      disable=not progress):
         s = a[i : i + chunk_size] @ b[j : j + chunk_size].T
         same = la[i : i + chunk_size, None] == lb[None, j : j + chunk_size]

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .data import ImageDataset, make_loader
 from .errors import TransfiraError
 from .io import save_csv, save_json
+from .progress import log, progress
 
 FLUSH_EVERY = 50  # batches between progress records
 
@@ -67,12 +67,12 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     if start:
         arrays = [np.load(p, mmap_mode="r+") for p in partials]
-        tqdm.write(f"{desc}: resuming at image {start + 1} of {len(dataset)}")
+        log(f"{desc}: resuming at image {start + 1} of {len(dataset)}")
     else:
         arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=s) for p, s in zip(partials, shapes)]
     loader = make_loader(torch.utils.data.Subset(dataset, range(start, len(dataset))), batch_size, num_workers)
     model.eval()
-    with tqdm(total=len(dataset), initial=start, desc=desc, unit="img", dynamic_ncols=True) as bar:
+    with progress(total=len(dataset), initial=start, desc=desc, unit="img") as bar:
         for step, batch in enumerate(loader, 1):
             index = batch["index"].numpy()
             good = batch["ok"].numpy().astype(bool)
@@ -81,7 +81,7 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
                 if on_bad_image != "skip":
                     raise TransfiraError(f"unreadable image at row {row}: {batch['error'][i]} "
                                          "(set on_bad_image = \"skip\" to go on without it)")
-                tqdm.write(f"skipping row {row}: {batch['error'][i]}")
+                log(f"skipping row {row}: {batch['error'][i]}")
                 skipped.append({"row": row, "path": dataset.paths[row - 1], "error": batch["error"][i]})
             results = model(batch["image"].to(device, non_blocking=True))
             for name, array, result in zip(names, arrays, results if isinstance(results, tuple) else (results,)):

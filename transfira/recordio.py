@@ -23,10 +23,10 @@ from typing import BinaryIO, Sequence
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from .errors import TransfiraError
 from .io import save_csv
+from .progress import progress as progress_bar
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -286,7 +286,7 @@ def extract(rec: RecordFile, keys: np.ndarray, subjects: np.ndarray | None, out:
     n = len(keys)
     size = min(10_000, max(1, -(-n // (4 * max(workers, 1)))))
     stop, lock = threading.Event(), threading.Lock()
-    bar = tqdm(total=n, unit="img", disable=not progress, smoothing=0.1)
+    bar = progress_bar(total=n, unit="img", disable=not progress)
 
     def work(lo: int, hi: int) -> Summary:
         s, done = Summary(), 0

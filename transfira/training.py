@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import distributed as dist_utils
 from .backbone import check_embedding_size, load_backbone, resolve_device
@@ -37,6 +36,7 @@ from .errors import TransfiraError
 from .evaluation import spearman
 from .io import format_rows, numeric_column, save_csv, save_json
 from .model import RecognizabilityPredictionNetwork
+from .progress import log, progress
 
 _TABLE = {"data_dir": REQUIRED, "annotations": REQUIRED, "path_col_name": "path", "ccs_col_name": "ccs",
           "ccas_col_name": "ccas", "batch_size": 64}
@@ -144,7 +144,7 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
     dim = model.ccs_layer.in_features
     xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=info.device)
     xty = torch.zeros(dim + 1, 2, dtype=torch.float64, device=info.device)
-    for batch in tqdm(loader, desc="ridge head init", leave=False, disable=not info.is_main):
+    for batch in progress(loader, desc="ridge head init", leave=False, disable=not info.is_main):
         keep = batch["ok"].bool()
         z = model.backbone(batch["image"][keep].to(info.device)).flatten(1).double()
         x = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)
@@ -160,7 +160,7 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
         head.bias.copy_(solution[dim, k].to(head.bias.dtype)[None])
     model.backbone.train(was_training)
     if info.is_main:
-        tqdm.write(f"heads initialized by ridge regression on {int(n)} training images' features")
+        log(f"heads initialized by ridge regression on {int(n)} training images' features")
 
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -400,11 +400,11 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
             text += "  | val " + "  ".join(
                 f"{t.upper()} MAE {metrics[f'{t}_mae']:.4f} r {metrics[f'{t}_pearson']:.3f} "
                 f"rho {metrics[f'{t}_spearman']:.3f}" for t in ("ccs", "ccas"))
-        tqdm.write(text)
+        log(text)
 
     if state is None:
         validate(0, None)  # the starting point: the untrained heads
-    epochs = tqdm(range(start_epoch, opt_cfg["num_epochs"]), desc="epochs", disable=not main,
+    epochs = progress(range(start_epoch, opt_cfg["num_epochs"]), desc="epochs", disable=not main,
                   initial=start_epoch, total=opt_cfg["num_epochs"])
     for epoch in epochs:
         sampler.set_epoch(epoch)
@@ -414,7 +414,7 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
                              persistent=False,
                              drop_last=drop_last)
         ddp.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not main,
+        bar = progress(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not main,
                    initial=batches_done, total=batches_per_epoch)
         for i, batch in enumerate(bar, start=batches_done):
             keep = _check_batch(batch, cfg["on_bad_image"])
