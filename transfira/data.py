@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
 
+from .alignment import align_face
 from .io import read_annotations  # noqa: F401  (re-exported: the scripts read CSVs through data)
 
 AUG_DEFAULTS: dict[str, Any] = {
@@ -49,15 +50,29 @@ class ImageDataset(torch.utils.data.Dataset):
 
     Items are dicts ``image, index, ok, error`` (+ ``target``). An unreadable image gives
     ``ok=False`` and a zero image instead of raising inside a worker, so the caller
-    decides whether to stop (naming the file) or skip it.
+    decides whether to stop (naming the file) or skip it. With ``landmarks`` [N, 5, 2]
+    each image is first aligned to the ArcFace template at ``align_size`` pixels
+    (:mod:`transfira.alignment`), then transformed.
     """
 
-    def __init__(self, data_dir: str | Path, paths: Sequence[str], transform, targets: np.ndarray | None = None):
+    def __init__(self, data_dir: str | Path, paths: Sequence[str], transform, targets: np.ndarray | None = None,
+                 landmarks: np.ndarray | None = None, align_size: int = 112):
         self.data_dir = Path(data_dir)
         self.paths = list(map(str, paths))
         self.transform = transform
         self.targets = None if targets is None else torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        self.landmarks = None if landmarks is None else np.asarray(landmarks, np.float64).reshape(-1, 5, 2)
+        if self.landmarks is not None and len(self.landmarks) != len(self.paths):
+            raise ValueError(f"{len(self.landmarks)} landmark rows for {len(self.paths)} images")
+        self.align_size = align_size
         self._blank: torch.Tensor | None = None
+
+    def load(self, index: int) -> Image.Image:
+        """Image ``index`` as PIL RGB, aligned when landmarks are given."""
+        image = load_image(self.data_dir / self.paths[index])
+        if self.landmarks is not None:
+            image = align_face(image, self.landmarks[index], self.align_size)
+        return image
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -65,7 +80,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.data_dir / self.paths[index]
         try:
-            image, ok, error = self.transform(load_image(path)), True, ""
+            image, ok, error = self.transform(self.load(index)), True, ""
         except Exception as err:  # noqa: BLE001 - any decoding failure is reported per image
             image, ok, error = None, False, f"{path}: {type(err).__name__}: {err}"
         if image is None:
@@ -76,6 +91,21 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.targets is not None:
             item["target"] = self.targets[index]
         return item
+
+
+def dataset_from_table(frame, table: dict[str, Any], aug: dict[str, Any], source: str, train: bool = False,
+                       targets: np.ndarray | None = None) -> ImageDataset:
+    """The :class:`ImageDataset` of a config table (``data_dir``, ``path_col_name``, optional
+    ``landmark_columns``: 10 columns ``x1, y1, ..., x5, y5`` that turn on five-point alignment
+    to a ``resize_dim`` crop); ``source`` (the CSV) is named in errors."""
+    landmarks = None
+    if table.get("landmark_columns"):
+        from .alignment import read_landmarks
+
+        landmarks = read_landmarks(frame, table["landmark_columns"], source)
+    aug = {**AUG_DEFAULTS, **aug}
+    return ImageDataset(table["data_dir"], frame[table["path_col_name"]].astype(str).tolist(),
+                        build_transform(aug, train=train), targets, landmarks, aug["resize_dim"])
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, shuffle: bool = False,

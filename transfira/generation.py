@@ -14,7 +14,7 @@ import pandas as pd
 
 from .backbone import check_embedding_size, load_backbone, resolve_device
 from .config import REQUIRED
-from .data import AUG_DEFAULTS, ImageDataset, build_transform, read_annotations
+from .data import AUG_DEFAULTS, dataset_from_table, read_annotations
 from .errors import TransfiraError
 from .features import extract_outputs, readable_mask, write_skipped
 from .io import file_fingerprint, load_id_vectors, save_csv, save_id_vectors, save_npy
@@ -26,6 +26,7 @@ TABLE_SCHEMA = {
     "path_col_name": "path",
     "label_col_name": "subject_id",
     "centers_path": "",  # *_probes: centers of the gallery (else <gallery>_centers.npz in outdir)
+    "landmark_columns": [],  # 10 columns x1, y1, ..., x5, y5: align each image to the ArcFace template first
 }
 
 GENERATE_SCHEMA: dict[str, Any] = {
@@ -68,19 +69,19 @@ def run_generate(config: dict[str, Any], allow_pickle: bool = False) -> dict[str
     device = resolve_device(config["device"])
     backbone = load_backbone(config["backbone_type"], config["model_path"]).to(device).eval()
     check_embedding_size(backbone, config["embedding_size"], config["aug"]["crop_dim"], config["model_path"])
-    transform = build_transform(config["aug"], train=False)
     centers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     written = {}
     for name in tables:
         table, frame = config[name], frames[name]
         ids = frame[table["label_col_name"]].to_numpy()
         ids = ids.astype(str) if ids.dtype == object else ids  # mixed numbers and names: compare as text
-        dataset = ImageDataset(table["data_dir"], frame[table["path_col_name"]].tolist(), transform)
+        dataset = dataset_from_table(frame, table, config["aug"], f"[{name}] {table['annotations']}")
         feature_path = outdir / f"{name}_features.npy"
         arrays, skipped = extract_outputs(backbone, dataset, {"embedding": (feature_path, config["embedding_size"])},
                                           config["batch_size"], config["num_workers"], device,
                                           config["on_bad_image"], desc=name,
-                                          fingerprint=[file_fingerprint(config["model_path"]), config["aug"]])
+                                          fingerprint=[file_fingerprint(config["model_path"]), config["aug"],
+                                                       table["landmark_columns"]])
         write_skipped(frame, skipped, outdir / f"{name}_skipped.csv")
         rows = np.flatnonzero(readable_mask(len(frame), skipped))
         features = arrays.pop("embedding")

@@ -19,7 +19,7 @@ from .aggregation import VARIANTS, WEIGHT_EPS, aggregate_variants
 from .backbone import check_embedding_size, load_backbone, resolve_device
 from .checkpoint import load_predictor_checkpoint
 from .config import REQUIRED
-from .data import AUG_DEFAULTS, ImageDataset, build_transform, read_annotations
+from .data import AUG_DEFAULTS, dataset_from_table, read_annotations
 from .errors import TransfiraError
 from .features import extract_outputs, write_skipped
 from .io import file_fingerprint, pickle_refused, save_csv, save_id_vectors
@@ -42,7 +42,8 @@ TEST_SCHEMA: dict[str, Any] = {
     "allow_pickle": False,  # read legacy pickled features / scores (trusted files only)
     "aug": dict(AUG_DEFAULTS),
     "data": {"data_dir": "", "annotations": REQUIRED, "path_col_name": "path", "id_col_name": "template_id",
-             "batch_size": 0},  # batch_size 0: the top-level batch_size
+             "batch_size": 0,  # 0: the top-level batch_size
+             "landmark_columns": []},  # 10 columns x1, y1, ..., x5, y5: align to the ArcFace template first
 }
 FINGERPRINT_KEYS = ("model_path", "predictor_model_path", "checkpoint_path")  # a resumed pass needs the same files
 FEATURES, CCS, CCAS, SKIPPED = "test_features.npy", "test_ccs.npy", "test_ccas.npy", "test_skipped.csv"
@@ -235,10 +236,10 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
         outputs.update({"predicted CCS": (outdir / CCS, 0), "predicted CCAS": (outdir / CCAS, 0)})
     model = EncoderAndPredictor(load_encoder(cfg, device) if features else None,
                                 load_predictor(cfg, device) if scores else None)
-    paths = frame[data["path_col_name"]].astype(str).tolist()
-    dataset = ImageDataset(data["data_dir"], paths, build_transform(cfg["aug"], train=False))
+    dataset = dataset_from_table(frame, data, cfg["aug"], data["annotations"])
     arrays, skipped = extract_outputs(model, dataset, outputs, data["batch_size"] or cfg["batch_size"],
                                       cfg["num_workers"], device, cfg["on_bad_image"], desc="test images",
-                                      fingerprint=[file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS] + [cfg["aug"]])
+                                      fingerprint=[file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS]
+                                      + [cfg["aug"], data["landmark_columns"]])
     write_skipped(frame, skipped, outdir / SKIPPED)
     return arrays.get("embedding"), arrays.get("predicted CCS"), arrays.get("predicted CCAS")
