@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfira.degradations import DEGRADATIONS, blur, degrade, downscale, jpeg, lighting, noise, occlusion
+from transfira.degradations import (DEGRADATIONS, blur, degrade, downscale, hflip, jpeg, lighting, noise, occlusion,
+                                    occlusion_eyes, occlusion_mouth, overexpose, rotation, underexpose)
 
 KINDS = sorted(DEGRADATIONS)
 SEVERITIES = (0.25, 0.5, 1.0)
@@ -119,15 +120,54 @@ def test_noise_sigma_follows_severity():
     assert sigmas == pytest.approx([8, 24, 40], rel=0.1)  # 80 * severity, little clipping at mid grey
 
 
-def test_lighting_contrast_drops_with_severity(face):
+def test_lighting_contrast_drops_and_brightness_is_monotone(face):
     for seed in range(6):
         contrast = [pixels(face).std()] + [pixels(lighting(face, s, seed)).std() for s in SEVERITIES]
         assert all(a > b for a, b in zip(contrast, contrast[1:])), (seed, contrast)
-    # the under-exposed direction gets darker with severity (the over-exposed one is not monotone
-    # in brightness: the contrast loss pulls mid-tones back down at high severity)
-    dark = next(s for s in range(20) if pixels(lighting(face, 0.5, s)).mean() < pixels(face).mean())
-    means = [pixels(face).mean()] + [pixels(lighting(face, s, dark)).mean() for s in SEVERITIES]
-    assert all(a > b for a, b in zip(means, means[1:])), means
+        means = [pixels(face).mean()] + [pixels(lighting(face, s, seed)).mean() for s in SEVERITIES]
+        steps = np.sign(np.diff(means))
+        assert len(set(steps)) == 1 and steps[0] != 0, (seed, means)  # one direction, strictly
+
+
+def test_exposure_moves_every_pixel_one_way(face):
+    """Over-exposure never darkens a pixel as the severity grows; under-exposure never brightens one."""
+    grid = np.linspace(0, 1, 11)
+    over = np.stack([pixels(overexpose(face, s, 0)) for s in grid])
+    under = np.stack([pixels(underexpose(face, s, 0)) for s in grid])
+    assert (np.diff(over, axis=0) >= 0).all() and (np.diff(under, axis=0) <= 0).all()
+    assert over[-1].mean() > pixels(face).mean() + 40 and under[-1].mean() < pixels(face).mean() - 60
+    # the old under-exposed direction is kept exactly: p^(1 + 3s) (1 - 0.6 s), truncated to uint8
+    s = 0.7
+    expected = np.clip((pixels(face).astype(np.float32) / 255) ** (1 + 3 * s) * (1 - 0.6 * s) * 255, 0, 255)
+    np.testing.assert_array_equal(pixels(underexpose(face, s, 0)), expected.astype(np.uint8))
+
+
+@pytest.mark.parametrize("func", [occlusion, occlusion_eyes, occlusion_mouth], ids=["random", "eyes", "mouth"])
+def test_occluded_regions_are_nested(face, func):
+    for seed in range(5):
+        masks = [np.any(pixels(func(face, s, seed)) != pixels(face), axis=-1) for s in np.linspace(0.05, 1, 20)]
+        for small, large in zip(masks, masks[1:]):
+            assert (small <= large).all() and small.sum() <= large.sum()
+        assert masks[-1].sum() > masks[0].sum()
+
+
+def test_eye_and_mouth_patches_sit_on_the_aligned_face():
+    from transfira.alignment import ARCFACE_TEMPLATE
+
+    card = Image.new("RGB", (112, 112), (200, 200, 200))
+    eyes = np.any(pixels(occlusion_eyes(card, 0.5, 0)) != 200, axis=-1)
+    mouth = np.any(pixels(occlusion_mouth(card, 0.5, 0)) != 200, axis=-1)
+    for mask, points in ((eyes, ARCFACE_TEMPLATE[:2]), (mouth, ARCFACE_TEMPLATE[3:])):
+        for x, y in points:
+            assert mask[int(round(y)), int(round(x))], (x, y)
+    assert not eyes[int(ARCFACE_TEMPLATE[3, 1]), 56] and not mouth[int(ARCFACE_TEMPLATE[0, 1]), 56]
+
+
+def test_rotation_angle_grows_and_flip_mirrors(face):
+    errors = [mse(rotation(face, s, 1), face) for s in (0.1, 0.3, 0.6, 1.0)]
+    assert all(a < b for a, b in zip(errors, errors[1:])), errors
+    np.testing.assert_array_equal(pixels(hflip(face, 0.3, 0)), pixels(face)[:, ::-1])
+    np.testing.assert_array_equal(pixels(hflip(face, 1.0, 5)), pixels(face)[:, ::-1])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .degradations import DEGRADATIONS, degrade
+from .degradations import CLASSIC, degrade
 from .io import atomic_path, save_csv
 
 SIZE = 112
@@ -73,7 +73,7 @@ def random_degradation(rng: np.random.Generator, clean_share: float = 0.35) -> t
     """A (kind, severity) pair: clean with probability ``clean_share``, else uniform kind and severity."""
     if rng.random() < clean_share:
         return "none", 0.0
-    return str(rng.choice(list(DEGRADATIONS))), float(np.round(rng.uniform(0.15, 1.0), 3))
+    return str(rng.choice(list(CLASSIC))), float(np.round(rng.uniform(0.15, 1.0), 3))
 
 
 def make_images(outdir: Path, seed: int = 0) -> dict[str, pd.DataFrame]:
