@@ -29,3 +29,21 @@ def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = T
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def demo_predictor(demo_dir, tmp_path_factory) -> Path:
+    """A predictor checkpoint (plain state dict) on the demo encoder, CCAS spread around 0."""
+    import torch
+
+    from transfira.backbone import load_backbone
+    from transfira.model import RecognizabilityPredictionNetwork
+
+    torch.manual_seed(0)
+    predictor = RecognizabilityPredictionNetwork(load_backbone("onnx", demo_dir / "encoder.onnx"), 64)
+    with torch.no_grad():
+        predictor.ccs_layer.bias.fill_(0.05)
+        predictor.ccas_layer.bias.fill_(-0.02)
+    path = tmp_path_factory.mktemp("demo_predictor") / "predictor.pt"
+    torch.save(predictor.state_dict(), path)
+    return path
