@@ -137,8 +137,8 @@ class _ToArray:
         self.swap = swap
 
     def __call__(self, image) -> torch.Tensor:
-        array = np.asarray(image)
-        return torch.from_numpy(np.ascontiguousarray(array[:, :, ::-1] if self.swap else array))
+        array = np.array(image)
+        return torch.from_numpy(np.ascontiguousarray(array[:, :, ::-1]) if self.swap else array)
 
 
 class _Swapped:
