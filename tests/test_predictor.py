@@ -87,6 +87,12 @@ def test_from_config(tmp_path, predictor, paths, demo_dir, demo_predictor):
     test_toml.write_text(f"model_path = '{demo_dir / 'encoder.onnx'}'\nembedding_size = 64\n"
                          f"checkpoint_path = '{demo_predictor}'\ndevice = 'cpu'\n[aug]\nresize_dim = 112\n")
     np.testing.assert_allclose(Predictor.from_config(test_toml).score(paths[:3]).ccs, want, atol=1e-5)
+    score_toml = tmp_path / "score.toml"  # score.py's config: embedding_size = 0 reads it from the encoder
+    score_toml.write_text(f"model_path = '{demo_dir / 'encoder.onnx'}'\nembedding_size = 0\n"
+                          f"checkpoint_path = '{demo_predictor}'\ndevice = 'cpu'\nchannel_order = 'BGR'\n")
+    from_score = Predictor.from_config(score_toml)
+    assert from_score.channel_order == "BGR"
+    np.testing.assert_allclose(from_score.score(paths[:3]).ccs, want, atol=1e-5)  # files: decoded as RGB
     run = tmp_path / "ckpt" / "demo"
     run.mkdir(parents=True)
     for epoch in (2, 10):  # the newest epoch is taken; resume.pt is not a predictor

@@ -142,7 +142,7 @@ class Predictor:
         if not model_path:
             raise TransfiraError(f"{path}: needs model_path (the predictor's ONNX encoder)")
         checkpoint = checkpoint_path or raw.get("checkpoint_path") or raw.get("checkpoint") or _newest_checkpoint(raw, path)
-        kwargs = {"device": raw.get("device", "auto"), "embedding_size": raw.get("embedding_size"),
+        kwargs = {"device": raw.get("device", "auto"), "embedding_size": raw.get("embedding_size") or None,
                   "channel_order": raw.get("channel_order", "RGB"), "head_hidden": raw.get("head_hidden", 0),
                   "aug": raw.get("aug"), "batch_size": raw.get("batch_size", 64),
                   "backbone_type": raw.get("backbone_type", "onnx"), "detector_path": raw.get("detect") or None}
