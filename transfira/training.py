@@ -530,7 +530,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
                 error = f"loading a batch: {describe(err)}"
             sync = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
             with ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext():
-                loss, used, error = _forward(ddp, model, batch, error, policy, min_batch, loss_fn, device, amp)
+                loss, used, error, saved = _forward(ddp, model, batch, error, policy, min_batch, loss_fn, device, amp)
                 # the one agreement of the step: errors, images used, non-finite losses, on every rank
                 n_err, n_total, n_nonfinite = dist_utils.agree(
                     [error is not None, used, loss is not None and not bool(torch.isfinite(loss))])
@@ -542,6 +542,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
                 # each image weighs the same over all ranks: DDP averages the ranks' gradients
                 weight = used * info.world_size / n_total if n_total else 0.0
                 scaler.scale(loss * (weight / accum)).backward()
+                _restore_buffers(model, saved)
             counts.loss_sum += float(loss.item()) * used
             counts.loss_count += used
             counts.skipped += len(batch["ok"]) - used
@@ -583,21 +584,21 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
 
 
 def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, error: str | None, policy: str,
-             min_batch: int, loss_fn, device: torch.device, amp: str) -> tuple[torch.Tensor | None, int, str | None]:
-    """This rank's part of a training step before the agreement: ``(loss, images used, error)``.
+             min_batch: int, loss_fn, device: torch.device, amp: str) -> tuple:
+    """This rank's part of a training step before the agreement: ``(loss, images used, error, saved)``.
 
     The usable images of the batch go forward. With fewer than ``min_batch`` of them (all
     unreadable, or a lone image that BatchNorm cannot normalize) the whole batch goes
-    forward with the unreadable ones as blank placeholders and the BatchNorm statistics
-    restored afterwards; it is used with weight 0 (0 images), so DDP's gradient all-reduce
+    forward with the unreadable ones as blank placeholders (``saved``: the buffers to restore
+    after the backward); it is used with weight 0 (0 images), so DDP's gradient all-reduce
     still runs on every rank. An exception becomes ``error`` (nothing is raised here).
     """
     if error is not None:
-        return None, 0, error
+        return None, 0, error, None
     try:
         keep, error = bad_images(batch, policy)
         if error is not None:
-            return None, 0, error
+            return None, 0, error, None
         images, targets = batch["image"], batch["target"]
         used = int(keep.sum())
         if used >= min_batch:
@@ -608,15 +609,18 @@ def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, err
         saved = [b.detach().clone() for b in model.buffers()] if used == 0 else None
         with _autocast(device, amp):
             ccs, ccas = ddp(images.to(device, non_blocking=True))
-        if saved is not None:
-            with torch.no_grad():
-                for b, old in zip(model.buffers(), saved):
-                    b.copy_(old)
         targets = targets.to(device, non_blocking=True)
         loss = loss_fn(ccs[:, 0].float(), targets[:, 0]) + loss_fn(ccas[:, 0].float(), targets[:, 1])  # eq. 9
-        return loss, used, None
+        return loss, used, None, saved
     except Exception as err:  # noqa: BLE001 - reported on every rank by the caller
-        return None, 0, describe(err)
+        return None, 0, describe(err), None
+
+
+@torch.no_grad()
+def _restore_buffers(model: nn.Module, saved: list[torch.Tensor] | None) -> None:
+    """Undo a placeholder forward's BatchNorm statistics updates (after its backward)."""
+    for buffer, old in zip(model.buffers(), saved or []):
+        buffer.copy_(old)
 
 
 def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, scaler, info: dist_utils.DistInfo,
