@@ -340,9 +340,9 @@ class SerFiq(nn.Module):
         device = next(iter(encoder.parameters()), torch.zeros(0)).device
         with torch.no_grad():
             ShapeProp(encoder.eval()).propagate(torch.zeros(1, 3, crop_dim, crop_dim, device=device))
-        self.fc = locate_fc(encoder, layer, source)
-        cut = next(a for a in _inputs(self.fc) if a not in _const_nodes(encoder.graph))
-        self.layer, self.cut = self.fc.name, cut.name
+        fc = locate_fc(encoder, layer, source)
+        cut = next(a for a in _inputs(fc) if a not in _const_nodes(encoder.graph))
+        self.layer, self.cut = fc.name, cut.name  # the node whose input gets the dropout, and that input
         self.prefix, self.suffix = split_at(encoder, cut, source)
         self.units = int(np.prod(cut.meta["tensor_meta"].shape[1:]))
         if m * self.units >= 2 ** 32:
