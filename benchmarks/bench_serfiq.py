@@ -7,6 +7,7 @@ synthetic 112 x 112 batches
   - encoder: one forward pass (what --generate_features costs anyway),
   - SER-FIQ: the layers before the last FC once, then m dropout passes of the head (the
     embedding comes out of the same call),
+  - masks alone: generating the m dropout masks (counter-based hash) of each image,
 and print where the dropout goes and how many units it drops.
 
     PYTHONPATH=. python benchmarks/bench_serfiq.py [--m 100] [--batch 8] [--steps 3]
@@ -23,7 +24,7 @@ import torch
 from benchmarks.bench_train import IResNet50
 from transfira.backbone import load_backbone
 from transfira.demo import export_onnx
-from transfira.quality import SerFiq, image_keys
+from transfira.quality import SerFiq, image_keys, keep_masks
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 
@@ -45,8 +46,10 @@ def bench(name: str, path: Path, m: int, batch: int, steps: int) -> None:
     keys = image_keys([f"{i}.png" for i in range(batch)], 0)
     plain = rate(lambda: net(x), steps, batch)
     full = rate(lambda: serfiq(x, keys), steps, batch)
+    counters = serfiq.counters(x.device)
+    masks = rate(lambda: [keep_masks(keys[i:i + 1], counters, serfiq.p) for i in range(batch)], steps, batch)
     print(f"| {name} | `{serfiq.layer}` | {serfiq.units} | {m} | {batch} | {plain:.1f} | {full:.1f} | "
-          f"{plain / full:.2f} |", flush=True)
+          f"{plain / full:.2f} | {masks:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -57,13 +60,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| encoder | dropout on the input of | units | m | batch | encoder (img/s) | SER-FIQ (img/s) | slowdown |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| encoder | dropout on the input of | units | m | batch | encoder (img/s) | SER-FIQ (img/s) | slowdown "
+          "| masks alone (img/s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for file in ("mobilefacenet_arcface.onnx", "w600k_mbf.onnx"):
         if (MODELS / file).is_file():
             bench(file, MODELS / file, args.m, args.batch, args.steps)
         else:
-            print(f"| {file} | (not found under {MODELS}) | | | | | | |")
+            print(f"| {file} | (not found under {MODELS}) | | | | | | | |")
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(IResNet50().eval(), Path(tmp) / "r50.onnx")
         bench("IResNet-50 (random)", Path(tmp) / "r50.onnx", args.m, args.batch, args.steps)

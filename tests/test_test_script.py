@@ -209,14 +209,14 @@ QUALITY_TOML = """
 scores = ["norm", "serfiq", "cr"]
 rescale = "minmax"
 [quality.serfiq]
-m = 8
+m = {m}
 [quality.external.ext]
 csv = '{csv}'
 column = "q"
 """
 
 
-def quality_config(setup, demo_dir, name, outdir, batch_size):
+def quality_config(setup, demo_dir, name, outdir, batch_size, m=8):
     frame = pd.read_csv(setup / "test.csv")
     external = setup / "external.csv"
     if not external.exists():  # another tool's scores, in another row order, with an extra row
@@ -225,7 +225,7 @@ def quality_config(setup, demo_dir, name, outdir, batch_size):
             external, index=False)
     path = write_config(setup, demo_dir, name, outdir=outdir, batch_size=batch_size)
     with open(path, "a") as f:
-        f.write(QUALITY_TOML.format(csv=external))
+        f.write(QUALITY_TOML.format(csv=external, m=m))
     return path
 
 
@@ -275,3 +275,37 @@ def test_quality_scores_and_score_templates(setup, demo_dir, capsys):
     (setup / "quality16" / "test_serfiq.npy").unlink()
     with pytest.raises(TransfiraError, match=r"SER-FIQ scores file not found: .*test_serfiq\.npy"):
         run_test(other, aggregate=True)
+
+
+def test_serfiq_pass_resumes(setup, demo_dir, monkeypatch):
+    """An interrupted pass resumes with the same SER-FIQ scores; with another m it starts over."""
+    from transfira import features as feat
+    from transfira import quality
+
+    if not (setup / "quality" / "test_serfiq.npy").exists():
+        pytest.skip("needs test_quality_scores_and_score_templates")
+    monkeypatch.setattr(feat, "FLUSH_EVERY", 1)
+    real, calls = quality.SerFiq.scores, {"n": 0}
+
+    def crashing(self, x, keys):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, x, keys)
+
+    monkeypatch.setattr(quality.SerFiq, "scores", crashing)
+    batches = -(-N_IMAGES // 7)
+    for m, expected_calls in ((8, batches - 3), (9, batches)):  # m = 9: the interrupted m = 8 run is not reused
+        calls["n"] = 0
+        cfg = load_config(quality_config(setup, demo_dir, "resume.toml", "resume", 7, m=8), TEST_SCHEMA)
+        with pytest.raises(KeyboardInterrupt):
+            run_test(cfg, generate_features=True)
+        assert (setup / "resume" / "test_features.partial.json").exists()
+        calls["n"] = -1000
+        cfg = load_config(quality_config(setup, demo_dir, "resume.toml", "resume", 7, m=m), TEST_SCHEMA)
+        run_test(cfg, generate_features=True)
+        assert calls["n"] + 1000 == expected_calls
+        if m == 8:  # resumed: the scores and features of the uninterrupted one-pass run
+            for name in ("test_serfiq.npy", "test_features.npy"):
+                np.testing.assert_allclose(np.load(setup / "resume" / name), np.load(setup / "quality" / name),
+                                           rtol=1e-6, atol=1e-7)
