@@ -128,6 +128,14 @@ def test_scores_and_templates(run):
             for tid, vec in zip(ids, vectors):
                 rows = np.flatnonzero(test["template_id"].to_numpy() == tid)
                 np.testing.assert_allclose(vec, features[rows].mean(0), rtol=1e-4, atol=1e-4)
+    # FIQA baselines of configs/examples/lfw/test.toml: norm, SER-FIQ (computed in the scoring pass), CR
+    quality = read(results / "test_quality.csv")
+    assert list(quality.columns) == ["path", "template_id", "ccs", "ccas", "norm", "serfiq", "cr"]
+    np.testing.assert_allclose(quality["norm"], np.linalg.norm(features, axis=1), rtol=1e-5)
+    assert quality["serfiq"].between(0, 1).all() and quality["serfiq"].std() > 0
+    for score in ("norm", "serfiq", "cr"):
+        with np.load(results / f"templates_{score}.npz") as npz:
+            assert npz["vectors"].shape == (len(templates), 192) and np.isfinite(npz["vectors"]).all()
 
 
 def test_results_table(run):
