@@ -34,15 +34,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 
-from .evaluation import n_at_fmr
+from .evaluation import NeedMoreImpostors, n_at_fmr  # noqa: F401 (NeedMoreImpostors re-exported)
 
 TOP_FACTOR = 4  # keep TOP_FACTOR x floor(max FMR * N) + TOP_EXTRA impostor scores for the bootstrap
 TOP_EXTRA = 64
 BATCH_ELEMENTS = 1 << 22  # replicates per batch x (K + G) stays below this
-
-
-class NeedMoreImpostors(Exception):
-    """A replicate's threshold lies below the kept impostor scores: rescore with a larger ``keep_top``."""
 
 
 def keep_top(fmrs, n_impostor: int) -> int:

@@ -83,6 +83,51 @@ def tar_at_fmr(genuine: np.ndarray, impostor_top: np.ndarray, n_impostor: int, f
     return np.where(np.isnan(thr), np.nan, above / len(gen))
 
 
+class NeedMoreImpostors(Exception):
+    """The kept top impostor scores do not reach far enough: rescore keeping more of them."""
+
+
+def nearest_fpr_tar(genuine: np.ndarray, impostor_top: np.ndarray, n_impostor: int, fmrs
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(TAR, threshold) per FMR in InsightFace's IJB convention (not SPEC section 6).
+
+    InsightFace's IJB evaluation takes ``fpr, tpr, _ = sklearn.metrics.roc_curve(label, score)``
+    and reports the TPR of the ROC point whose FPR is nearest the target FAR (on equally near
+    points the one with the highest TPR: it flips the curve and takes the first minimum). This
+    rebuilds that curve exactly: one point per distinct score (TPR / FPR = share of genuine /
+    impostor scores >= it), sklearn's ``drop_intermediate`` rule (keep a point where the second
+    difference of the false- or true-positive counts is non-zero, and both ends) and the point
+    (0, 0) in front (threshold inf). Only the top of the impostor scores is needed: points down
+    to FPR 2 * max(fmrs) decide it. Raises :class:`NeedMoreImpostors` when ``impostor_top`` (the
+    highest impostor scores, any order) does not reach that far.
+    """
+    gen, imp = np.asarray(genuine, dtype=np.float64), np.asarray(impostor_top, dtype=np.float64)
+    scores = np.concatenate([imp, gen])
+    neg = np.concatenate([np.ones(len(imp)), np.zeros(len(gen))])
+    order = np.argsort(-scores, kind="stable")
+    s, neg = scores[order], neg[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last position of each distinct score
+    fps, tps, thr = np.cumsum(neg)[last], np.cumsum(1 - neg)[last], s[last]
+    complete = len(imp) >= n_impostor
+    if not complete:  # counts are exact for thresholds above the lowest kept impostor score
+        j = int(np.searchsorted(-thr, -imp.min(), side="left")) if len(imp) else 0
+        fps, tps, thr = fps[: j + 1], tps[: j + 1], thr[: j + 1]
+        if j < 1 or fps[j - 1] <= 2 * max(fmrs) * n_impostor:
+            raise NeedMoreImpostors(f"the nearest-FPR convention needs more than the {len(imp)} kept impostor scores")
+    keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+    if not complete:
+        keep = keep[keep < len(fps) - 1]  # the last point's keep decision depends on a point not seen
+    fpr = np.r_[0.0, fps[keep] / n_impostor]
+    tpr = np.r_[0.0, tps[keep] / len(gen)]
+    thr = np.r_[np.inf, thr[keep]]
+    tar, out_thr = np.empty(len(fmrs)), np.empty(len(fmrs))
+    for i, f in enumerate(fmrs):
+        d = np.abs(fpr - f)[::-1]
+        idx = len(fpr) - 1 - int(np.argmin(d))
+        tar[i], out_thr[i] = tpr[idx], thr[idx]
+    return tar, out_thr
+
+
 def roc_curve(stats: ScoreStats, n_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
     """(FMR, TAR) points, FMR ascending: exact from the impostor top-k at the low-FMR end,
     from the impostor histogram (threshold = bin edge) above it."""
