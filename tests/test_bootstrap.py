@@ -245,3 +245,19 @@ def test_interval_coverage_fast():
 def test_interval_coverage_slow():
     cov = coverage(trials=1000, replicates=1000, seed=1)
     assert 0.92 <= cov <= 0.975, cov
+
+
+def test_impostor_matrix_dense_and_sparse_agree(monkeypatch):
+    rng = np.random.default_rng(9)
+    ua, ub = rng.integers(0, 30, 500), rng.integers(0, 30, 500)
+    counts = rng.integers(0, 3, (7, 30))
+    got = []
+    for dense in (4096, 0):
+        monkeypatch.setattr(bs.ImpostorMatrix, "DENSE_UNITS", dense)
+        m = bs.ImpostorMatrix(30)
+        m.add(ua[:200], ub[:200])
+        m.add(ua[200:], ub[200:])
+        got.append(m.design().n_impostor(counts))
+    want = [sum(c[a] * c[b] if a != b else c[a] for a, b in zip(ua, ub)) for c in counts]
+    np.testing.assert_array_equal(got[0], want)
+    np.testing.assert_array_equal(got[1], want)

@@ -118,19 +118,27 @@ def pair_units(n_templates: int, genuine_a: np.ndarray, genuine_b: np.ndarray) -
 
 
 class ImpostorMatrix:
-    """Accumulates the impostor pairs of a pair list per (unit a, unit b), chunk by chunk."""
+    """Accumulates the impostor pairs of a pair list per (unit a, unit b), chunk by chunk: a dense
+    S x S int64 table up to ``DENSE_UNITS`` units (IJB-C's ~3.5k subjects: 100 MB), else sparse."""
+
+    DENSE_UNITS = 4096
 
     def __init__(self, n_units: int):
         self.n = n_units
+        self.dense = np.zeros(n_units * n_units, np.int64) if n_units <= self.DENSE_UNITS else None
         self.m = scipy.sparse.csr_matrix((n_units, n_units), dtype=np.int64)
 
     def add(self, ua: np.ndarray, ub: np.ndarray) -> None:
         lo, hi = np.minimum(ua, ub), np.maximum(ua, ub)
-        self.m = self.m + scipy.sparse.coo_matrix((np.ones(len(lo), np.int64), (lo, hi)),
-                                                  shape=(self.n, self.n)).tocsr()
+        if self.dense is not None:
+            np.add.at(self.dense, lo * self.n + hi, 1)
+        else:
+            self.m = self.m + scipy.sparse.coo_matrix((np.ones(len(lo), np.int64), (lo, hi)),
+                                                      shape=(self.n, self.n)).tocsr()
 
     def design(self) -> Design:
-        return Design("list", self.n, impostor_matrix=self.m)
+        m = self.m if self.dense is None else scipy.sparse.csr_matrix(self.dense.reshape(self.n, self.n))
+        return Design("list", self.n, impostor_matrix=m)
 
 
 @dataclass

@@ -262,12 +262,13 @@ class _Accumulator:
 def pair_list_stats(
     a: np.ndarray, chunks, n_genuine: int, n_impostor: int, fmrs, *, keep_top: int = 0,
     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool | str = False,
-    total: int | None = None,
+    total: int | None = None, score_rows: int = 1 << 15,
 ) -> ScoreStats:
     """:class:`ScoreStats` of an explicit pair list (e.g. IJB-C's 1:1 protocol), streamed.
 
     ``chunks`` yields (idx_a, idx_b, genuine) arrays of pairs of rows of ``a``; each chunk is
-    scored with one batched row-wise dot product and reduced at once (memory O(chunk + G + k)).
+    scored with batched row-wise dot products of ``score_rows`` pairs (memory O(score_rows * D))
+    and reduced at once (memory O(chunk + G + k)).
     ``genuine_pairs`` / ``impostor_pairs`` hold row indices of ``a``.
     """
     x = _normalize(a, device, dtype)
@@ -277,7 +278,8 @@ def pair_list_stats(
                                     unit="chunk", total=total, disable=not progress):
         ia = torch.as_tensor(np.asarray(ia, dtype=np.int64), device=device)
         ib = torch.as_tensor(np.asarray(ib, dtype=np.int64), device=device)
-        s = (x[ia] * x[ib]).sum(1)
+        s = torch.cat([torch.einsum("pd,pd->p", x[ia[i : i + score_rows]], x[ib[i : i + score_rows]])
+                       for i in range(0, len(ia), score_rows)]) if len(ia) else torch.zeros(0, device=device, dtype=dtype)
         rows = torch.stack([ia, ib], 1)
         acc.add(s, torch.as_tensor(np.asarray(gen, dtype=bool), device=device), lambda mask: rows[mask])
         seen += len(ia)
