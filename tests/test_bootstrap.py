@@ -90,6 +90,8 @@ def test_all_vs_all_matches_explicit_resampling(top_factor, monkeypatch):
             bs.replicate_tar(sample, design, counts, FMRS)
         return
     got = bs.replicate_tar(sample, design, counts, FMRS)
+    np.testing.assert_array_equal(bs.replicate_thresholds(sample, design, counts, FMRS, block=7),
+                                  bs.replicate_thresholds(sample, design, counts, FMRS))  # blocked scan
     scores = cosine(x)
     for r in range(len(draws)):
         gen, imp = explicit_all_vs_all(scores, units, draws[r])

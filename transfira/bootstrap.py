@@ -158,27 +158,43 @@ def batches(n_rep: int, width: int) -> list[tuple[int, int]]:
     return [(i, min(i + b, n_rep)) for i in range(0, n_rep, b)]
 
 
-def replicate_thresholds(sample: PairSample, design: Design, counts: np.ndarray, fmrs) -> np.ndarray:
+def replicate_thresholds(sample: PairSample, design: Design, counts: np.ndarray, fmrs,
+                         block: int = 1 << 16) -> np.ndarray:
     """Threshold per replicate and FMR [R, F]: k-th highest of the weighted impostor multiset,
     k = floor(FMR * N_r); NaN where k = 0. Raises :class:`NeedMoreImpostors` when some replicate's
-    k-th highest is not among the kept impostor scores (unless all impostors were kept)."""
+    k-th highest is not among the kept impostor scores.
+
+    The kept scores are scanned in blocks of ``block``, a batch of replicates at a time, with the
+    weights ``c[u] * c[v]`` of a block and their running cumulative sum; a replicate leaves the
+    scan once its largest k is reached (work ~ R x k_max, memory ~ B x block).
+    """
     n_imp = design.n_impostor(counts)
-    k = np.array([[n_at_fmr(f, n) for f in fmrs] for n in n_imp], dtype=np.float64)
+    k = np.array([[n_at_fmr(f, n) for f in fmrs] for n in n_imp], dtype=np.float64).reshape(len(counts), len(fmrs))
     ua, ub = sample.impostor_units[:, 0], sample.impostor_units[:, 1]
     same = ua == ub
     out = np.full(k.shape, np.nan)
-    for lo, hi in batches(len(counts), len(ua)):
+    for lo, hi in batches(len(counts), min(block, max(len(ua), 1))):
         c = counts[lo:hi].astype(np.float64)
-        w = np.where(same, c[:, ua], c[:, ua] * c[:, ub])
-        cw = np.cumsum(w, axis=1)
-        for r in range(hi - lo):
-            kk = k[lo + r]
-            pos = np.searchsorted(cw[r], kk, side="left") if len(ua) else np.zeros(len(kk), np.int64)
-            short = (kk > 0) & (pos >= len(ua))
-            if short.any():
-                raise NeedMoreImpostors(f"replicate {lo + r} needs more than the {len(ua)} kept impostor scores")
-            ok = kk > 0
-            out[lo + r, ok] = sample.impostor_top[pos[ok]]
+        kk = k[lo:hi]
+        pending = kk > 0
+        run = np.zeros(hi - lo)
+        for start in range(0, len(ua), block):
+            rows = np.flatnonzero(pending.any(1))
+            if not len(rows):
+                break
+            a, b, sm = ua[start : start + block], ub[start : start + block], same[start : start + block]
+            cr = c[rows]
+            cw = np.cumsum(np.where(sm, cr[:, a], cr[:, a] * cr[:, b]), axis=1) + run[rows, None]
+            for i, r in enumerate(rows):
+                hit = pending[r] & (kk[r] <= cw[i, -1])
+                if hit.any():
+                    pos = np.searchsorted(cw[i], kk[r, hit], side="left")
+                    out[lo + r, np.flatnonzero(hit)] = sample.impostor_top[start + pos]
+                    pending[r, hit] = False
+            run[rows] = cw[:, -1]
+        if pending.any():
+            r = lo + int(np.flatnonzero(pending.any(1))[0])
+            raise NeedMoreImpostors(f"replicate {r} needs more than the {len(ua)} kept impostor scores")
     return out
 
 

@@ -73,7 +73,8 @@ class PairList:
         gen_a, gen_b = [], []
         try:
             reader = pd.read_csv(path, sep=sep, header=header, names=None if header == 0 else PAIR_COLUMNS,
-                                 usecols=PAIR_COLUMNS, dtype=str, keep_default_na=False, chunksize=chunk_rows)
+                                 usecols=PAIR_COLUMNS, dtype=str, keep_default_na=False, chunksize=chunk_rows,
+                                 skipinitialspace=True)
             with os.fdopen(fd, "wb") as out:
                 for chunk in reader:
                     rows = self._rows(chunk, index, ref_path)
@@ -104,14 +105,14 @@ class PairList:
 
     def _rows(self, chunk: pd.DataFrame, index: pd.Index, ref_path) -> np.ndarray:
         first = self.n_pairs
-        label = chunk["label"].str.strip()
+        label = chunk["label"]
         bad = np.flatnonzero(~label.isin(["0", "1"]).to_numpy())
         if len(bad):
             raise TransfiraError(f"{self.path}: column 'label' must be 1 (genuine) or 0 (impostor), found "
                                  f"{label.iloc[bad[:3]].tolist()} at row(s) {format_rows(bad + first)}")
         out = np.empty((len(chunk), 3), np.int32)
         for k, col in enumerate(PAIR_COLUMNS[:2]):
-            ids = chunk[col].str.strip()
+            ids = chunk[col]
             rows = index.get_indexer(ids)
             if (rows < 0).any():
                 missing = pd.unique(ids[rows < 0])
