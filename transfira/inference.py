@@ -39,6 +39,7 @@ TEST_SCHEMA: dict[str, Any] = {
     "num_workers": 2,
     "normalize_features": False,  # L2-normalize each feature before aggregating
     "on_bad_image": "error",  # "error" | "skip" (NaN rows, listed in test_skipped.csv, left out of templates)
+    "flip_test": False,  # encoder feature = f(image) + f(mirrored image) (InsightFace's flip test)
     "allow_pickle": False,  # read legacy pickled features / scores (trusted files only)
     "aug": dict(AUG_DEFAULTS),
     "data": {"data_dir": "", "annotations": REQUIRED, "path_col_name": "path", "id_col_name": "template_id",
@@ -186,7 +187,19 @@ def load_encoder(cfg: dict[str, Any], device: torch.device) -> nn.Module:
         raise TransfiraError("model_path (the deployed encoder) is needed for --generate_features")
     encoder = load_backbone(cfg["backbone_type"], cfg["model_path"]).to(device).eval()
     check_embedding_size(encoder, cfg["embedding_size"], cfg["aug"]["crop_dim"], cfg["model_path"])
-    return encoder
+    return FlipTest(encoder) if cfg.get("flip_test") else encoder
+
+
+class FlipTest(nn.Module):
+    """``f(x) + f(mirror of x)``: the flip test (InsightFace's IJB mode F2). The mirror of the
+    normalized tensor is the normalized mirror image (the normalization is per channel)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images) + self.encoder(torch.flip(images, dims=[-1]))
 
 
 def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
@@ -240,6 +253,7 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     arrays, skipped = extract_outputs(model, dataset, outputs, data["batch_size"] or cfg["batch_size"],
                                       cfg["num_workers"], device, cfg["on_bad_image"], desc="test images",
                                       fingerprint=[file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS]
-                                      + [cfg["aug"], data["landmark_columns"]])
+                                      + [cfg["aug"], data["landmark_columns"]]
+                                      + ([{"flip_test": True}] if cfg.get("flip_test") else []))
     write_skipped(frame, skipped, outdir / SKIPPED)
     return arrays.get("embedding"), arrays.get("predicted CCS"), arrays.get("predicted CCAS")
