@@ -327,3 +327,13 @@ def test_run_ijb_config_errors(release, demo_dir, predictor, tmp_path):
     bad = write_ijb_config(tmp_path / "c.toml", release, demo_dir, predictor, tmp_path / "o", prefix="ijba")
     with pytest.raises(TransfiraError, match="prefix must be one of ijbc, ijbb"):
         check_config(load_config(bad, IJB_SCHEMA), str(bad))
+
+
+@pytest.mark.parametrize("name", ["ijbc", "ijbb", "synthetic"])
+def test_example_configs_are_valid(name):
+    from transfira.config import load_config
+    from transfira.ijb_job import IJB_SCHEMA, check_config
+
+    path = ROOT / "configs" / "examples" / "ijbc" / f"{name}.toml"
+    cfg = check_config(load_config(path, IJB_SCHEMA), str(path))
+    assert cfg["prefix"] == ("ijbb" if name == "ijbb" else "ijbc") and cfg["media_pooling"]
