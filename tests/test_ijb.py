@@ -314,17 +314,17 @@ def test_run_ijb_end_to_end_and_resume(release, demo_dir, predictor, tmp_path):
     np.testing.assert_allclose(vectors, plain.loc[ids].to_numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_run_ijb_config_errors(release, demo_dir, predictor, tmp_path):
+def test_run_ijb_config_errors(tmp_path):  # no files are read: the checks run on the config alone
     from transfira.config import load_config
     from transfira.ijb_job import IJB_SCHEMA, check_config
 
-    bad = write_ijb_config(tmp_path / "a.toml", release, demo_dir, predictor, tmp_path / "o", media_pool=True)
+    bad = write_ijb_config(tmp_path / "a.toml", tmp_path, tmp_path, tmp_path / "p.pt", tmp_path / "o", media_pool=True)
     with pytest.raises(TransfiraError, match="unknown key 'media_pool'.*did you mean 'media_pooling'"):
         load_config(bad, IJB_SCHEMA)
-    bad = write_ijb_config(tmp_path / "b.toml", release, demo_dir, predictor, tmp_path / "o", checkpoint_path="")
+    bad = write_ijb_config(tmp_path / "b.toml", tmp_path, tmp_path, tmp_path / "p.pt", tmp_path / "o", checkpoint_path="")
     with pytest.raises(TransfiraError, match="need the predictor"):
         check_config(load_config(bad, IJB_SCHEMA), str(bad))
-    bad = write_ijb_config(tmp_path / "c.toml", release, demo_dir, predictor, tmp_path / "o", prefix="ijba")
+    bad = write_ijb_config(tmp_path / "c.toml", tmp_path, tmp_path, tmp_path / "p.pt", tmp_path / "o", prefix="ijba")
     with pytest.raises(TransfiraError, match="prefix must be one of ijbc, ijbb"):
         check_config(load_config(bad, IJB_SCHEMA), str(bad))
 

@@ -248,7 +248,8 @@ def aggregate_media_variants(features: np.ndarray, template_ids: Any, media_ids:
         media = np.asarray(media_ids)
         if len(media) != n or pd.isna(media).any():
             raise ValueError(f"media ids must be {n} non-missing values")
-        groups = pd.MultiIndex.from_arrays([codes, media]).factorize()[0]
+        media_codes = pd.factorize(media)[0].astype(np.int64)
+        groups = pd.factorize(codes * (int(media_codes.max()) + 1) + media_codes)[0]  # one code per (template, media)
     g = int(groups.max()) + 1 if n else 0
     usable, norms = row_norms(features)
     for scores, what in ((ccs, "ccs"), (ccas, "ccas"), (image_scale, "image_scale")):
