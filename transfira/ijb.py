@@ -165,16 +165,15 @@ def check_pairs_templates(pairs: pd.DataFrame, table: pd.DataFrame, source: str)
 
 
 def write_pairs_csv(pairs: pd.DataFrame, path: str | Path, chunk: int = 1 << 20) -> None:
-    """The pair list as evaluate.py's ``[pairs] path`` CSV (``template_a,template_b,label``), atomically.
+    """The pair list as a ``template_a,template_b,label`` CSV, atomically, in chunks.
 
-    Isolated conversion: evaluate.py reads this CSV today; where it reads the release's
-    space-separated file directly, this step can go.
+    The one conversion for an evaluate.py that reads only CSV pair lists (see
+    :func:`transfira.ijb_job.native_pair_lists`); where it reads the release's file itself,
+    this step is not run.
     """
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(",".join(PAIR_COLUMNS) + "\n")
-        values = pairs[PAIR_COLUMNS].to_numpy(np.int64)
-        for start in range(0, len(values), chunk):
-            np.savetxt(f, values[start:start + chunk], fmt="%d", delimiter=",")
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        for start in range(0, len(pairs), chunk):
+            pairs[PAIR_COLUMNS].iloc[start:start + chunk].to_csv(f, index=False, header=start == 0)
 
 
 # --- synthetic release ------------------------------------------------------------------------------

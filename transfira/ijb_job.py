@@ -1,7 +1,8 @@
 """data/IJB/run_ijb.py's job: the IJB-B / IJB-C 1:1 protocol in four resumable stages.
 
 1. ``meta``: the release's meta files -> ``test.csv`` (path, template_id, media_id, landmarks,
-   det_score) and ``pairs.csv`` (the official pairs, in evaluate.py's CSV form);
+   det_score), checks the pair list, and converts it to ``pairs.csv`` for an evaluate.py
+   that reads only CSV pair lists (:func:`native_pair_lists`);
 2. ``features``: one pass over the loose crops, aligned to the ArcFace template in the data
    loader, through the deployed encoder (optionally with the flip test) and the predictor
    (CCS, CCAS) -> ``features/test_{features,ccs,ccas}.npy`` (test.py's extraction; an
@@ -50,6 +51,8 @@ IJB_SCHEMA: dict[str, Any] = {
     "normalize_features": False,  # L2-normalize image features before pooling (InsightFace: raw, N1)
     "variants": list(VARIANTS),
     "fmr": list(FMR_DEFAULT),
+    "threshold_convention": "spec",  # 'insightface' adds InsightFace's nearest-FPR TAR (evaluate.py permitting)
+    "bootstrap": 0,  # evaluate.py's subject-bootstrap replicates for 95 % intervals (evaluate.py permitting)
     "batch_size": 64,
     "num_workers": 2,
     "device": "auto",
@@ -134,7 +137,8 @@ def stage_meta(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
     pairs = read_pairs(pairs_path)
     check_pairs_templates(pairs, table, str(pairs_path))
     save_csv(table, outdir / "test.csv")
-    write_pairs_csv(pairs, outdir / "pairs.csv")
+    if not native_pair_lists():
+        write_pairs_csv(pairs, outdir / "pairs.csv")
     media = table.groupby("template_id")["media_id"].nunique()
     genuine = int(pairs["label"].sum())
     log(f"{len(table)} images, {table['template_id'].nunique()} templates, {int(media.sum())} media "
@@ -176,12 +180,38 @@ def stage_templates(cfg: dict[str, Any], outdir: Path) -> list[Path]:
     return written
 
 
+def native_pair_lists() -> bool:
+    """Whether evaluate.py reads the release's space-separated pair list itself (streamed);
+    otherwise the meta stage converts it to ``pairs.csv`` once. The only place that decides."""
+    from .evaluation_job import SCHEMA
+
+    return "chunk_rows" in SCHEMA["pairs"]
+
+
+def pairs_file(cfg: dict[str, Any], outdir: Path) -> Path:
+    from .ijb import meta_path
+
+    return meta_path(cfg["root"], cfg["prefix"], "pairs") if native_pair_lists() else outdir / "pairs.csv"
+
+
 def evaluate_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
-    """evaluate.py's config: the template variants on the official pairs (TOML text beside it)."""
-    return {"outdir": str(outdir / "evaluation"), "fmr": list(cfg["fmr"]), "chunk_size": cfg["chunk_size"],
-            "device": cfg["device"],
-            "templates": {v: str(outdir / f"templates_{v}.npz") for v in cfg["variants"]},
-            "pairs": {"path": str(outdir / "pairs.csv")}}
+    """evaluate.py's config: the template variants on the official pairs.
+
+    ``threshold_convention`` and ``bootstrap`` are passed where evaluate.py knows them; a
+    non-default value it does not know is an error.
+    """
+    from .evaluation_job import SCHEMA
+
+    out = {"outdir": str(outdir / "evaluation"), "fmr": list(cfg["fmr"]), "chunk_size": cfg["chunk_size"],
+           "device": cfg["device"]}
+    for key, default in (("threshold_convention", "spec"), ("bootstrap", 0)):
+        if key in SCHEMA:
+            out[key] = cfg[key]
+        elif cfg[key] != default:
+            raise TransfiraError(f"{key} = {cfg[key]!r} needs an evaluate.py with that option (this one has none)")
+    out["templates"] = {v: str(outdir / f"templates_{v}.npz") for v in cfg["variants"]}
+    out["pairs"] = {"path": str(pairs_file(cfg, outdir))}
+    return out
 
 
 def stage_evaluate(cfg: dict[str, Any], outdir: Path) -> Path:
@@ -189,10 +219,12 @@ def stage_evaluate(cfg: dict[str, Any], outdir: Path) -> Path:
 
     path = outdir / "evaluate.toml"
     ecfg = evaluate_config(cfg, outdir)
-    lines = [f"outdir = {json.dumps(ecfg['outdir'])}", f"fmr = [{', '.join(repr(float(f)) for f in ecfg['fmr'])}]",
-             f"chunk_size = {int(ecfg['chunk_size'])}", f"device = {json.dumps(str(ecfg['device']))}", "", "[templates]"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in ecfg["templates"].items()]
-    lines += ["", "[pairs]", f"path = {json.dumps(ecfg['pairs']['path'])}"]
+    value = lambda v: (str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, (int, float))  # noqa: E731
+                       else json.dumps(v))
+    lines = [f"{k} = [{', '.join(repr(float(f)) for f in v)}]" if k == "fmr" else f"{k} = {value(v)}"
+             for k, v in ecfg.items() if not isinstance(v, dict)]
+    for table in ("templates", "pairs"):
+        lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in ecfg[table].items()]
     path.write_text("\n".join(lines) + "\n")
     run(load_evaluate_config(path))
     return path
@@ -223,10 +255,12 @@ def run_ijb(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1],
         "templates": lambda: {"test_csv": hashed(outdir / "test.csv"), "features": list(map(file_fingerprint, feature_files)),
                               **{k: cfg[k] for k in ("media_pooling", "det_score_weight", "normalize_features",
                                                      "variants")}},
-        "evaluate": lambda: {"pairs": hashed(outdir / "pairs.csv"), "templates": list(map(file_fingerprint, templates)),
-                             "fmr": cfg["fmr"]},
+        "evaluate": lambda: {"pairs": file_fingerprint(pairs_file(cfg, outdir)),
+                             "templates": list(map(file_fingerprint, templates)),
+                             **{k: cfg[k] for k in ("fmr", "threshold_convention", "bootstrap")}},
     }
-    outputs = {"meta": [outdir / "test.csv", outdir / "pairs.csv"], "features": feature_files,
+    outputs = {"meta": [outdir / "test.csv"] + ([] if native_pair_lists() else [outdir / "pairs.csv"]),
+               "features": feature_files,
                "templates": templates, "evaluate": evaluation}
     actions = {"meta": lambda: stage_meta(cfg, outdir), "features": lambda: stage_features(cfg, outdir),
                "templates": lambda: stage_templates(cfg, outdir), "evaluate": lambda: stage_evaluate(cfg, outdir)}
