@@ -43,6 +43,7 @@ TEST_SCHEMA: dict[str, Any] = {
     "num_workers": 2,
     "normalize_features": False,  # L2-normalize each feature before aggregating
     "on_bad_image": "error",  # "error" | "skip" (NaN rows, listed in test_skipped.csv, left out of templates)
+    "flip_test": False,  # encoder feature = f(image) + f(mirrored image) (InsightFace's flip test)
     "allow_pickle": False,  # read legacy pickled features / scores (trusted files only)
     "aug": dict(AUG_DEFAULTS),
     "data": {"data_dir": "", "annotations": REQUIRED, "path_col_name": "path", "id_col_name": "template_id",
@@ -263,7 +264,19 @@ def load_encoder(cfg: dict[str, Any], device: torch.device) -> nn.Module:
         raise TransfiraError("model_path (the deployed encoder) is needed for --generate_features and SER-FIQ")
     encoder = load_backbone(cfg["backbone_type"], cfg["model_path"]).to(device).eval()
     check_embedding_size(encoder, cfg["embedding_size"], cfg["aug"]["crop_dim"], cfg["model_path"])
-    return encoder
+    return FlipTest(encoder) if cfg.get("flip_test") else encoder
+
+
+class FlipTest(nn.Module):
+    """``f(x) + f(mirror of x)``: the flip test (InsightFace's IJB mode F2). The mirror of the
+    normalized tensor is the normalized mirror image (the normalization is per channel)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images) + self.encoder(torch.flip(images, dims=[-1]))
 
 
 def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
@@ -328,11 +341,13 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     if scores:
         outputs.update({"predicted CCS": (outdir / CCS, 0), "predicted CCAS": (outdir / CCAS, 0)})
     fingerprint = [file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS] + [cfg["aug"], data["landmark_columns"]]
+    fingerprint += [{"flip_test": True}] if cfg.get("flip_test") else []
     encoder = load_encoder(cfg, device) if features or serfiq else None
     head = keys = None
     if serfiq:
         s = cfg["quality"]["serfiq"]
-        head = SerFiq(encoder, cfg["aug"]["crop_dim"], s["m"], s["p"], s["layer"], s["batch"], cfg["model_path"])
+        plain = encoder.encoder if isinstance(encoder, FlipTest) else encoder  # SER-FIQ: one view
+        head = SerFiq(plain, cfg["aug"]["crop_dim"], s["m"], s["p"], s["layer"], s["batch"], cfg["model_path"])
         keys = image_keys(frame[data["path_col_name"]].astype(str).tolist(), s["seed"])
         outputs["SER-FIQ"] = (outdir / SERFIQ, 0)
         fingerprint.append({"serfiq": {k: s[k] for k in ("m", "p", "seed")}, "layer": head.layer})
