@@ -265,3 +265,19 @@ def test_quality_config_validation():
                              ({"external": {"x": {"csv": "a.csv"}}}, "missing required key 'column'")]:
         with pytest.raises(TransfiraError, match=message):
             parse(quality)
+
+
+def test_flip_test_features_same_with_serfiq(demo_dir):
+    """With the flip test on, the split encoder (SER-FIQ enabled) gives the same f(x) + f(mirror x)."""
+    from transfira.inference import EncoderAndPredictor, FlipTest
+
+    net = load_backbone("onnx", demo_dir / "encoder.onnx").eval()
+    images = torch.randn(3, 3, 112, 112)
+    keys = image_keys(["a", "b", "c"], 0)
+    with torch.no_grad():
+        plain = EncoderAndPredictor(FlipTest(net), None)(images)[0]
+        split = EncoderAndPredictor(FlipTest(net), None, SerFiq(net, 112, m=4), keys)(images, torch.arange(3))
+        expected = net(images) + net(torch.flip(images, dims=[-1]))
+    np.testing.assert_allclose(plain.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(split[0].numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert split[1].shape == (3,)

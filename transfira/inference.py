@@ -310,6 +310,8 @@ class EncoderAndPredictor(nn.Module):
                  keys: torch.Tensor | None = None, embed: bool = True):
         super().__init__()
         self.encoder = encoder if serfiq is None and embed else None
+        # flip test with SER-FIQ: the split encoder gives f(x), the plain one f(mirror of x)
+        self.mirror = encoder.encoder if serfiq is not None and isinstance(encoder, FlipTest) else None
         self.predictor, self.serfiq, self.embed = predictor, serfiq, embed
         self.register_buffer("keys", keys, persistent=False)
 
@@ -317,7 +319,9 @@ class EncoderAndPredictor(nn.Module):
         out: tuple[torch.Tensor, ...] = ()
         if self.serfiq is not None:
             x = self.serfiq.prefix(images)
-            out += (self.serfiq.suffix(x),) if self.embed else ()
+            if self.embed:
+                features = self.serfiq.suffix(x)
+                out += (features + self.mirror(torch.flip(images, dims=[-1])) if self.mirror is not None else features,)
         elif self.encoder is not None:
             out += (self.encoder(images),)
         out += tuple(self.predictor(images)) if self.predictor is not None else ()
