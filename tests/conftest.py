@@ -90,7 +90,8 @@ def make_fake_scrfd(path: Path, faces=FAKE_FACES, size: int = 640) -> Path:
              helper.make_node("Add", ["mean", "one"], ["shifted"]),
              helper.make_node("Mul", ["shifted", "four"], ["scaled"]),
              helper.make_node("Clip", ["scaled", "zero", "one"], ["gate"])]
-    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("one", 1.0), ("four", 4.0), ("zero", 0.0))]
+    constants = (("one", 1.0), ("four", 4.0), ("zero", 0.0))
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in constants]
     for name, array in zip(names, arrays):
         inits.append(numpy_helper.from_array(array, f"{name}_const"))
         op = ["Mul", [f"{name}_const", "gate"]] if name.startswith("score") else ["Identity", [f"{name}_const"]]

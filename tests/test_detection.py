@@ -84,8 +84,8 @@ def test_bad_detector_files(tmp_path):
     with pytest.raises(TransfiraError, match="not a readable ONNX model"):
         SCRFD(tmp_path / "junk.onnx")
     value = helper.make_tensor_value_info
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "one_output",
-                              [value("x", TensorProto.FLOAT, [1, 3, 8, 8])], [value("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    x, y = value("x", TensorProto.FLOAT, [1, 3, 8, 8]), value("y", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "one_output", [x], [y])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "one.onnx"))
     with pytest.raises(TransfiraError, match="1 outputs"):
         SCRFD(tmp_path / "one.onnx")  # e.g. a face encoder given as the detector

@@ -69,6 +69,7 @@ def export_onnx(model: nn.Module, aug: dict[str, Any], out: str | Path, fp16: bo
     with atomic_path(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # onnx2torch's shape checks, constant here
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter (dynamo=False) on purpose
+        warnings.filterwarnings("ignore", message="Constant folding")  # notes on Slice ops of some encoders
         try:
             torch.onnx.export(graph, (example,), str(tmp), input_names=[INPUT], output_names=list(OUTPUTS),
                               dynamic_axes={INPUT: {0: "batch"}, **{o: {0: "batch"} for o in OUTPUTS}},

@@ -111,10 +111,10 @@ class Predictor:
     def from_files(cls, model_path: str | Path, checkpoint_path: str | Path, device: str = "auto",
                    embedding_size: int | None = None, channel_order: str = "RGB", head_hidden: int = 0,
                    aug: dict[str, Any] | None = None, batch_size: int = 64, backbone_type: str = "onnx",
-                   detector_path: str | Path | None = None) -> "Predictor":
+                   detector_path: str | Path | None = None, det_threshold: float = 0.5) -> "Predictor":
         """Encoder architecture from ``model_path`` (ONNX), weights from ``checkpoint_path`` (a predictor
         state dict, read with ``weights_only=True``); ``embedding_size`` None = the encoder's output size.
-        ``detector_path``: an SCRFD ONNX model for :meth:`score_photos`."""
+        ``detector_path``: an SCRFD ONNX model for :meth:`score_photos` (faces with score >= ``det_threshold``)."""
         aug = {**AUG_DEFAULTS, **(aug or {})}
         backbone = load_backbone(backbone_type, model_path)
         if embedding_size is None:
@@ -127,7 +127,7 @@ class Predictor:
         if detector_path:
             from .detection import SCRFD
 
-            detector = SCRFD(detector_path)
+            detector = SCRFD(detector_path, threshold=det_threshold)
         return cls(model, aug, device, channel_order, batch_size, detector)
 
     @classmethod
@@ -136,16 +136,17 @@ class Predictor:
         """From a test.toml (``predictor_model_path`` or ``model_path``, ``checkpoint_path``), a score.toml,
         or a train.toml (``model_path``; the checkpoint is ``checkpoint_path`` or the newest
         ``{checkpoint_outdir}/{run_name}/*.pt``). Keys read: those plus ``embedding_size``,
-        ``head_hidden``, ``device``, ``batch_size``, ``channel_order``, ``detect`` and ``[aug]``."""
+        ``head_hidden``, ``device``, ``batch_size``, ``channel_order``, ``detect``, ``det_threshold``, ``[aug]``."""
         raw = read_toml(path)
         model_path = raw.get("predictor_model_path") or raw.get("model_path")
         if not model_path:
             raise TransfiraError(f"{path}: needs model_path (the predictor's ONNX encoder)")
-        checkpoint = checkpoint_path or raw.get("checkpoint_path") or raw.get("checkpoint") or _newest_checkpoint(raw, path)
+        checkpoint = checkpoint_path or raw.get("checkpoint_path") or _newest_checkpoint(raw, path)
         kwargs = {"device": raw.get("device", "auto"), "embedding_size": raw.get("embedding_size") or None,
                   "channel_order": raw.get("channel_order", "RGB"), "head_hidden": raw.get("head_hidden", 0),
                   "aug": raw.get("aug"), "batch_size": raw.get("batch_size", 64),
-                  "backbone_type": raw.get("backbone_type", "onnx"), "detector_path": raw.get("detect") or None}
+                  "backbone_type": raw.get("backbone_type", "onnx"), "detector_path": raw.get("detect") or None,
+                  "det_threshold": raw.get("det_threshold", 0.5)}
         kwargs.update(overrides)
         return cls.from_files(model_path, checkpoint, **kwargs)
 

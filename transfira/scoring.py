@@ -125,6 +125,11 @@ def _path_of(line: bytes, index: int) -> str | None:
     return row[index] if index < len(row) else None
 
 
+def _one_line(text: str) -> str:
+    """An error message on one CSV line (resume reads the output line by line)."""
+    return " ".join(str(text).split())
+
+
 def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Photos of different sizes stay a list (detection mode)."""
     return items
@@ -211,7 +216,7 @@ def _image_rows(predictor: Predictor, todo: pd.DataFrame, batch: dict[str, Any])
         ccs[ok], ccas[ok] = predictor.forward(batch["image"][torch.as_tensor(ok)])
     rows["ccs"], rows["ccas"] = ccs, ccas
     rows["recognizable"] = np.where(ok, ccas > 0, None)
-    rows["error"] = list(batch["error"])
+    rows["error"] = [_one_line(e) for e in batch["error"]]
     return rows
 
 
@@ -221,7 +226,7 @@ def _face_rows(predictor: Predictor, todo: pd.DataFrame, items: list[dict[str, A
     for item in items:
         base = todo.iloc[item["index"]].to_dict()
         if not item["ok"]:
-            records.append({**base, "error": item["error"]})
+            records.append({**base, "error": _one_line(item["error"])})
             continue
         faces, found = predictor.align_faces(item["image"].numpy())
         if not faces:
