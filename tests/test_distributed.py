@@ -26,7 +26,7 @@ from transfira.config import apply_schema
 from transfira.training import SCHEMA
 
 SIZE = 16  # tiny images and encoder: the tests time the collectives, not the convolutions
-TIMEOUT = 120  # seconds for a 2-process run; a hang fails the test instead of stalling CI
+TIMEOUT = 300  # seconds for a 2-process run (generous: shared CI machines); a hang fails the test, not CI
 
 
 class TinyEncoder(nn.Module):
@@ -156,6 +156,7 @@ def test_unreadable_batches_are_skipped_on_every_rank(tiny, tmp_path):
     assert np.isfinite(metrics.train_loss.iloc[1:]).all() and np.isfinite(metrics.val_ccs_mae).all()
     log = results[0].stderr + results[0].stdout
     assert f"skipped {skips[-1][0]} training and 2 validation images" in log
+    assert f"ridge regression on {n - len(bad)} training images' features ({len(bad)} unreadable images skipped)" in log
     assert "Traceback" not in results[0].stderr + results[1].stderr
 
     # validation metrics = the checkpoint's predictions, recomputed in one process with numpy
@@ -234,3 +235,27 @@ def test_torchrun_resume_with_flips_is_exact(tiny, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     first = torch.load(run_a / "encoder_0001.pt", weights_only=True)
     assert not all(torch.equal(a[k], first[k]) for k in a)
+
+
+def test_flips_depend_on_seed_epoch_and_index_only(tiny):
+    """Image i of epoch e is flipped iff SeedSequence((seed, e, i)) draws below hflip_p: the same in
+    any worker process, any order, after any resume; about hflip_p of the images, new ones each epoch."""
+    from transfira.data import ImageDataset, build_transform, load_image, make_loader
+
+    aug = {"resize_dim": SIZE, "crop_dim": SIZE}
+    paths = [f"good_{i}.png" for i in range(40)]
+    plain = [build_transform(aug)(load_image(tiny / "images" / p)) for p in paths]
+    data = ImageDataset(tiny / "images", paths, build_transform(aug), hflip_p=0.5, seed=7)
+    flipped = {}
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        batches = list(make_loader(data, 8, num_workers=2, shuffle=True, persistent=False))
+        for batch in batches:
+            for index, image in zip(batch["index"].tolist(), batch["image"]):
+                want = np.random.default_rng((7, epoch, index)).random() < 0.5
+                assert torch.equal(image, plain[index].flip(-1) if want else plain[index])
+                flipped[epoch, index] = want
+    share = [np.mean([flipped[e, i] for i in range(40)]) for e in (0, 1)]
+    assert all(0.25 < s < 0.75 for s in share)
+    assert any(flipped[0, i] != flipped[1, i] for i in range(40))
+    assert not any(torch.equal(p, p.flip(-1)) for p in plain)  # the flips are visible

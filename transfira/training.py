@@ -569,6 +569,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
         epoch_loss = loss_sum / max(loss_count, 1) if loss_count else math.nan
         counts = _EpochCounts()
         done = epoch + 1
+        epochs.set_postfix(loss=f"{epoch_loss:.5f}")
         if done % cfg["save_per_epoch"] == 0 or done == opt_cfg["num_epochs"]:
             dist_utils.broadcast_buffers(model)  # the checkpoint holds rank 0's BatchNorm statistics
             _main_does(info, "writing the checkpoint", lambda: save_predictor(run_dir / f"{stem}_{done:04}.pt", model))
@@ -576,7 +577,6 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
         elif main:
             writer.add_scalar("train/epoch_loss", epoch_loss, done)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
-            epochs.set_postfix(loss=f"{epoch_loss:.5f}")
             if skipped:
                 log(f"epoch {done}/{opt_cfg['num_epochs']}: skipped {int(skipped)} unreadable training images")
         save_resume(done, 0)
