@@ -256,7 +256,7 @@ def test_quality_config_validation():
     assert score_names(q) == ["cr", "norm", "magface"] and q["serfiq"]["m"] == 100 and q["serfiq"]["p"] == 0.5
     bad = [({"scores": ["serfiqq"]}, "did you mean 'serfiq'"), ({"rescale": "max"}, "rescale must be one of"),
            ({"scores": ["serfiq"], "serfiq": {"m": 1}}, "m must be an integer >= 2"),
-           ({"scores": ["norm", "norm"]}, "listed twice"),
+           ({"scores": ["norm", "norm"]}, "listed twice"), ({"scores": "norm"}, "must be a list"),
            ({"external": {"ccs": {"csv": "a.csv", "column": "q"}}}, "choose another name")]
     for quality, message in bad:
         with pytest.raises(TransfiraError, match=message):

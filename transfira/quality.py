@@ -72,6 +72,8 @@ PASS_THROUGH = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "OnnxBatchNorm", "F
 def score_names(quality: dict[str, Any], source: str = "config") -> list[str]:
     """The enabled scores in column order (built-ins as listed, then external names); validates ``[quality]``."""
     names: list[str] = []
+    if not isinstance(quality["scores"], list):
+        raise TransfiraError(f"{source}: [quality] scores must be a list, e.g. ['norm', 'serfiq', 'cr']")
     for name in quality["scores"]:
         if name in quality["external"]:
             continue
