@@ -226,7 +226,8 @@ def test_missing_template_ids(tmp_path):
     pairs.loc[3, "template_b"] = "nobody"
     pairs.to_csv(tmp_path / "pairs.csv", index=False)
     cfg = load_evaluate_config(write_config(tmp_path, f"path = '{tmp_path}/pairs.csv'", images=False))
-    with pytest.raises(TransfiraError, match=r"templates_baseline.npz: template id\(s\) from .*pairs.csv not in the file, e.g. nobody \(row\(s\) 4\)"):
+    pattern = r"templates_baseline.npz: template id\(s\) from .*pairs.csv not in the file, e.g. nobody \(row\(s\) 4\)"
+    with pytest.raises(TransfiraError, match=pattern):
         run(cfg)
 
 
@@ -311,8 +312,8 @@ def test_templates_dir_quality_scores_and_intervals(tmp_path):
     quality_inputs(tmp_path)
     cfg_path = write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'", extra=(
         f"bootstrap = 300\nseed = 3\ntemplates_dir = '{tmp_path}'"))
-    text = cfg_path.read_text().replace("max_discard = 0.6", f"max_discard = 0.6\nquality_csv = '{tmp_path}/test_quality.csv'"
-                                        "\nscores = ['norm', 'cr']")
+    text = cfg_path.read_text().replace(
+        "max_discard = 0.6", f"max_discard = 0.6\nquality_csv = '{tmp_path}/test_quality.csv'\nscores = ['norm', 'cr']")
     cfg_path.write_text(text)
     run(load_evaluate_config(cfg_path))
     out = tmp_path / "out"

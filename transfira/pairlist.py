@@ -115,9 +115,9 @@ class PairList:
             ids = chunk[col]
             rows = index.get_indexer(ids)
             if (rows < 0).any():
-                missing = pd.unique(ids[rows < 0])
+                missing, where = pd.unique(ids[rows < 0]), format_rows(np.flatnonzero(rows < 0) + first)
                 raise TransfiraError(f"{ref_path}: template id(s) from {self.path} not in the file, e.g. "
-                                     f"{', '.join(missing[:5])} (row(s) {format_rows(np.flatnonzero(rows < 0) + first)})")
+                                     f"{', '.join(missing[:5])} (row(s) {where})")
             out[:, k] = rows
         out[:, 2] = (label == "1").to_numpy()
         return out
