@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--templates", type=int, default=23_124)
     p.add_argument("--subjects", type=int, default=3_531)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--chunk-rows", type=int, default=1 << 20)
+    p.add_argument("--chunk-rows", type=int, default=1 << 18)
     p.add_argument("--bootstrap", type=int, default=0)
     p.add_argument("--convention", default="spec")
     p.add_argument("--threads", type=int, default=2)

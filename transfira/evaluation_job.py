@@ -36,7 +36,7 @@ SCHEMA: dict[str, Any] = {
         "probes": "",
         "id_col_name": "template_id",
         "label_col_name": "subject_id",
-        "chunk_rows": 1 << 20,  # pair-list rows read and scored at a time
+        "chunk_rows": 1 << 18,  # pair-list rows read and scored at a time
     },
     "images": {
         "labels": "",  # generate.py's labels CSV (identity, true ccs, ccas); '' skips the image level

@@ -60,7 +60,7 @@ class PairList:
     """
 
     def __init__(self, path: str | Path, ref_ids: np.ndarray, ref_path: str | Path, workdir: str | Path,
-                 chunk_rows: int = 1 << 20):
+                 chunk_rows: int = 1 << 18):
         self.path = str(path)
         sep, header = pair_format(path)
         index = pd.Index(np.asarray(ref_ids).astype(str))
