@@ -168,6 +168,8 @@ def write_config(tmp: Path, pairs: str, images: bool = True, extra: str = "", ou
     variants = "\n".join(f"{v} = '{tmp}/templates_{v}.npz'" for v in ["baseline", "weight", "filter", "filter_weight"])
     img = (f"[images]\nlabels = '{tmp}/labels.csv'\nfeatures = '{tmp}/feats.npy'\nccs = '{tmp}/pred_ccs.npy'\n"
            f"ccas = '{tmp}/pred_ccas.npy'\nquality_columns = ['serfiq']\nmax_discard = 0.6\n") if images else ""
+    if "bootstrap" not in extra:
+        extra += "\nbootstrap = 100"  # fewer replicates than the default 1000: CI time
     text = (f"outdir = '{tmp}/{outdir}'\nfmr = [1e-2, 1e-3, 1e-4, 1e-6]\nchunk_size = 40\n{extra}\n"
             f"[templates]\n{variants}\n[pairs]\n{pairs}\n{img}")
     path = tmp / "evaluate.toml"
