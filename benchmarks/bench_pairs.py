@@ -91,12 +91,14 @@ def single(args) -> dict:
     results, source = job.verification(cfg, torch.device("cpu"))
     sec = time.perf_counter() - t0
     res = results["baseline"]
+    ru = resource.getrusage(resource.RUSAGE_SELF)
     out = dict(pairs=args.pairs, templates=args.templates, dim=args.dim, chunk_rows=args.chunk_rows,
                bootstrap=args.bootstrap, threads=torch.get_num_threads(), seconds=round(sec, 1),
                mpairs_per_s=round(args.pairs / sec / 1e6, 2), rss_base_mib=round(base),
                peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                genuine=len(res.stats.genuine), prep_seconds=round(prep, 1),
-               tar=[None if np.isnan(t) else round(float(t), 4) for t in res.tar])
+               tar=[None if np.isnan(t) else round(float(t), 4) for t in res.tar],
+               cpu_s_total=round(ru.ru_utime + ru.ru_stime, 1))
     if res.replicates is not None:
         from transfira import bootstrap as bs
 
@@ -111,7 +113,7 @@ def main() -> None:
     p.add_argument("--templates", type=int, default=23_124)
     p.add_argument("--subjects", type=int, default=3_531)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--chunk-rows", type=int, default=1 << 20)
+    p.add_argument("--chunk-rows", type=int, default=1 << 18)
     p.add_argument("--bootstrap", type=int, default=0)
     p.add_argument("--convention", default="spec")
     p.add_argument("--threads", type=int, default=2)

@@ -168,6 +168,8 @@ def write_config(tmp: Path, pairs: str, images: bool = True, extra: str = "", ou
     variants = "\n".join(f"{v} = '{tmp}/templates_{v}.npz'" for v in ["baseline", "weight", "filter", "filter_weight"])
     img = (f"[images]\nlabels = '{tmp}/labels.csv'\nfeatures = '{tmp}/feats.npy'\nccs = '{tmp}/pred_ccs.npy'\n"
            f"ccas = '{tmp}/pred_ccas.npy'\nquality_columns = ['serfiq']\nmax_discard = 0.6\n") if images else ""
+    if "bootstrap" not in extra:
+        extra += "\nbootstrap = 100"  # fewer replicates than the default 1000: CI time
     text = (f"outdir = '{tmp}/{outdir}'\nfmr = [1e-2, 1e-3, 1e-4, 1e-6]\nchunk_size = 40\n{extra}\n"
             f"[templates]\n{variants}\n[pairs]\n{pairs}\n{img}")
     path = tmp / "evaluate.toml"
@@ -226,7 +228,8 @@ def test_missing_template_ids(tmp_path):
     pairs.loc[3, "template_b"] = "nobody"
     pairs.to_csv(tmp_path / "pairs.csv", index=False)
     cfg = load_evaluate_config(write_config(tmp_path, f"path = '{tmp_path}/pairs.csv'", images=False))
-    with pytest.raises(TransfiraError, match=r"templates_baseline.npz: template id\(s\) from .*pairs.csv not in the file, e.g. nobody \(row\(s\) 4\)"):
+    pattern = r"templates_baseline.npz: template id\(s\) from .*pairs.csv not in the file, e.g. nobody \(row\(s\) 4\)"
+    with pytest.raises(TransfiraError, match=pattern):
         run(cfg)
 
 
@@ -311,8 +314,8 @@ def test_templates_dir_quality_scores_and_intervals(tmp_path):
     quality_inputs(tmp_path)
     cfg_path = write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'", extra=(
         f"bootstrap = 300\nseed = 3\ntemplates_dir = '{tmp_path}'"))
-    text = cfg_path.read_text().replace("max_discard = 0.6", f"max_discard = 0.6\nquality_csv = '{tmp_path}/test_quality.csv'"
-                                        "\nscores = ['norm', 'cr']")
+    text = cfg_path.read_text().replace(
+        "max_discard = 0.6", f"max_discard = 0.6\nquality_csv = '{tmp_path}/test_quality.csv'\nscores = ['norm', 'cr']")
     cfg_path.write_text(text)
     run(load_evaluate_config(cfg_path))
     out = tmp_path / "out"

@@ -278,8 +278,9 @@ def pair_list_stats(
                                     unit="chunk", total=total, disable=not progress):
         ia = torch.as_tensor(np.asarray(ia, dtype=np.int64), device=device)
         ib = torch.as_tensor(np.asarray(ib, dtype=np.int64), device=device)
-        s = torch.cat([torch.einsum("pd,pd->p", x[ia[i : i + score_rows]], x[ib[i : i + score_rows]])
-                       for i in range(0, len(ia), score_rows)]) if len(ia) else torch.zeros(0, device=device, dtype=dtype)
+        s = torch.zeros(len(ia), device=device, dtype=dtype)
+        for i in range(0, len(ia), score_rows):
+            s[i : i + score_rows] = torch.einsum("pd,pd->p", x[ia[i : i + score_rows]], x[ib[i : i + score_rows]])
         rows = torch.stack([ia, ib], 1)
         acc.add(s, torch.as_tensor(np.asarray(gen, dtype=bool), device=device), lambda mask: rows[mask])
         seen += len(ia)

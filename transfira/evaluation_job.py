@@ -36,7 +36,7 @@ SCHEMA: dict[str, Any] = {
         "probes": "",
         "id_col_name": "template_id",
         "label_col_name": "subject_id",
-        "chunk_rows": 1 << 20,  # pair-list rows read and scored at a time
+        "chunk_rows": 1 << 18,  # pair-list rows read and scored at a time
     },
     "images": {
         "labels": "",  # generate.py's labels CSV (identity, true ccs, ccas); '' skips the image level
@@ -101,11 +101,6 @@ def load_evaluate_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def read_table(path: str, columns: list[str], what: str) -> pd.DataFrame:
-    """A CSV as text with ``columns`` (see :func:`transfira.io.read_annotations`)."""
-    return read_annotations(path, columns, what=what, text=True)
-
-
 def numeric(frame: pd.DataFrame, col: str, path: str) -> np.ndarray:
     values, bad_rows = numeric_column(frame, col)
     if len(bad_rows):
@@ -130,7 +125,7 @@ def index_of(ids: np.ndarray, wanted: pd.Series | np.ndarray, path: str, source:
 
 
 def subjects_table(path: str, pc: dict, what: str) -> pd.DataFrame:
-    frame = read_table(path, [pc["id_col_name"], pc["label_col_name"]], what)
+    frame = read_annotations(path, [pc["id_col_name"], pc["label_col_name"]], what=what, text=True)
     dup = frame[pc["id_col_name"]].duplicated()
     if dup.any():
         raise TransfiraError(f"{path}: duplicate template ids, e.g. {frame[pc['id_col_name']][dup].head(3).tolist()}")
@@ -297,7 +292,7 @@ def quality_scores(im: dict, labels: pd.DataFrame, path: str) -> dict[str, np.nd
     pcol, qpath = im["path_col_name"], im["quality_csv"]
     if pcol not in labels.columns:
         raise TransfiraError(f"{path}: missing column '{pcol}' ([images] path_col_name) to match {qpath}")
-    quality = read_table(qpath, [pcol] + list(im["scores"]), "quality CSV")
+    quality = read_annotations(qpath, [pcol] + list(im["scores"]), what="quality CSV", text=True)
     index = pd.Index(quality[pcol])
     if not index.is_unique:
         raise TransfiraError(f"{qpath}: duplicate image paths, e.g. {index[index.duplicated()][:3].tolist()}")
@@ -315,7 +310,8 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
     im, fmrs, n_boot = cfg["images"], cfg["fmr"], cfg["bootstrap"]
     path = im["labels"]
     extra = list(im["quality_columns"])
-    labels = read_table(path, [im["label_col_name"], im["ccs_col_name"], im["ccas_col_name"]] + extra, "labels CSV")
+    labels = read_annotations(path, [im["label_col_name"], im["ccs_col_name"], im["ccas_col_name"]] + extra,
+                              what="labels CSV", text=True)
     n = len(labels)
     if not im["features"]:
         raise TransfiraError("[images]: 'features' (the image features .npy) is required with 'labels'")

@@ -60,7 +60,7 @@ class PairList:
     """
 
     def __init__(self, path: str | Path, ref_ids: np.ndarray, ref_path: str | Path, workdir: str | Path,
-                 chunk_rows: int = 1 << 20):
+                 chunk_rows: int = 1 << 18):
         self.path = str(path)
         sep, header = pair_format(path)
         index = pd.Index(np.asarray(ref_ids).astype(str))
@@ -115,9 +115,9 @@ class PairList:
             ids = chunk[col]
             rows = index.get_indexer(ids)
             if (rows < 0).any():
-                missing = pd.unique(ids[rows < 0])
+                missing, where = pd.unique(ids[rows < 0]), format_rows(np.flatnonzero(rows < 0) + first)
                 raise TransfiraError(f"{ref_path}: template id(s) from {self.path} not in the file, e.g. "
-                                     f"{', '.join(missing[:5])} (row(s) {format_rows(np.flatnonzero(rows < 0) + first)})")
+                                     f"{', '.join(missing[:5])} (row(s) {where})")
             out[:, k] = rows
         out[:, 2] = (label == "1").to_numpy()
         return out
