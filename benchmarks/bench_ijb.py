@@ -132,6 +132,8 @@ def part_pool(args) -> None:
 
 
 def part_pairs(args) -> None:
+    import pandas as pd
+
     from transfira.ijb import read_pairs, write_pairs_csv
 
     rng = np.random.default_rng(0)
@@ -140,9 +142,7 @@ def part_pairs(args) -> None:
         pairs = np.stack([rng.integers(1, 190_000, args.pairs), rng.integers(1, 190_000, args.pairs),
                           (rng.random(args.pairs) < 0.0123).astype(np.int64)], 1)
         start = time.perf_counter()
-        with open(path, "w") as f:
-            for i in range(0, len(pairs), 1 << 20):
-                np.savetxt(f, pairs[i:i + (1 << 20)], fmt="%d", delimiter=" ")
+        pd.DataFrame(pairs).to_csv(path, sep=" ", header=False, index=False, chunksize=1 << 20)
         print(f"{args.pairs} pair lines, {path.stat().st_size / 2**20:.0f} MiB (written in "
               f"{time.perf_counter() - start:.1f} s); peak before reading {peak_mb():.0f} MiB")
         del pairs

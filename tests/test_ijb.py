@@ -337,3 +337,14 @@ def test_example_configs_are_valid(name):
     path = ROOT / "configs" / "examples" / "ijbc" / f"{name}.toml"
     cfg = check_config(load_config(path, IJB_SCHEMA), str(path))
     assert cfg["prefix"] == ("ijbb" if name == "ijbb" else "ijbc") and cfg["media_pooling"]
+
+
+def test_synth_command(tmp_path, capsys):
+    from transfira.ijb import main
+
+    main(["synth", str(tmp_path / "r"), "--prefix", "ijbb", "--subjects", "2", "--templates-per-subject", "2",
+          "--impostor-pairs", "3"])
+    assert "synthetic ijbb release" in capsys.readouterr().out
+    table = build_test_table(tmp_path / "r", "ijbb")
+    pairs = read_pairs(meta_path(tmp_path / "r", "ijbb", "pairs"))
+    assert table["template_id"].nunique() == 4 and pairs["label"].tolist().count(1) == 2 and len(pairs) == 5
