@@ -100,7 +100,7 @@ def plot_attribution(images: np.ndarray, ig: np.ndarray, occ: np.ndarray, table:
         axes[0, j].imshow(face)
         axes[0, j].set_title(f"true CCAS {r.true_ccas:.2f}\npred CCAS {r.pred_ccas:.2f}", fontsize=7)
         for i, (m, name) in enumerate(((ig[j], f"IG (sum {r.ig_sum:+.2f})"), (occ[j], "occlusion")), 1):
-            limit = float(np.abs(m).max()) or 1.0
+            limit = float(np.percentile(np.abs(m), 99.5)) or 1.0  # pixel-level IG is sparse: clip the extremes
             axes[i, j].imshow(grey, cmap="gray")
             axes[i, j].imshow(m, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
             axes[i, j].set_title(name, fontsize=7)
