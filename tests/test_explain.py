@@ -244,3 +244,29 @@ def test_ridge_predictor_heads_match_sklearn():
     ref = Ridge(alpha=1e-2 * (x ** 2).sum(), fit_intercept=True).fit(x, y)
     np.testing.assert_allclose(w[:-1].T, ref.coef_, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(w[-1], ref.intercept_, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_leave_one_out_exclude_vs_numpy(normalize):
+    """center_similarities(exclude=clean): a degraded copy is scored against its center without the clean photo."""
+    from transfira.labels import center_similarities, class_centers
+
+    rng = np.random.default_rng(5)
+    ids = np.repeat(np.arange(6), 4)
+    clean = rng.normal(size=(24, 8)).astype(np.float32)
+    degraded = (clean + rng.normal(0, 0.8, size=clean.shape)).astype(np.float32)
+    center_ids, mu = class_centers(clean, ids, normalize=normalize)
+    counts = np.bincount(ids)
+    same = center_similarities(clean, ids, center_ids, mu, True, counts, normalize, chunk_size=5, exclude=clean)
+    default = center_similarities(clean, ids, center_ids, mu, True, counts, normalize, chunk_size=5)
+    np.testing.assert_array_equal(same[0], default[0])
+    ccs, nnccs = center_similarities(degraded, ids, center_ids, mu, True, counts, normalize, chunk_size=5,
+                                     exclude=clean)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    rows = unit(clean.astype(np.float64)) if normalize else clean.astype(np.float64)
+    for i in range(24):
+        own = rows[(ids == ids[i]) & (np.arange(24) != i)].mean(0)
+        assert ccs[i] == pytest.approx(float(unit(degraded[i].astype(np.float64)) @ unit(own)), abs=1e-5)
+        others = [float(unit(degraded[i].astype(np.float64)) @ unit(mu[j].astype(np.float64)))
+                  for j in range(6) if j != ids[i]]
+        assert nnccs[i] == pytest.approx(max(others), abs=1e-5)

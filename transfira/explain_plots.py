@@ -63,14 +63,19 @@ def plot_sweeps(summary: pd.DataFrame, outdir: Path) -> dict[str, Path]:
 
 
 def plot_subjects(subjects: pd.DataFrame, outdir: Path) -> dict[str, Path]:
-    """``subjects_hist.png``: per-identity mean true CCAS, and share of images with CCAS > 0."""
+    """``subjects_hist.png``: per identity, mean and min true CCS, mean true CCAS, share of images with CCAS > 0."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    axes[0].hist(subjects["mean_ccas"], bins=30, color="tab:blue")
-    axes[0].axvline(0, color="k", lw=0.8, ls="--")
-    axes[0].set_xlabel("mean true CCAS of the identity's images")
-    axes[1].hist(subjects["frac_ccas_pos"], bins=np.linspace(0, 1, 11), color="tab:green")
-    axes[1].set_xlabel("share of the identity's images with CCAS > 0")
+    fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
+    bins = np.linspace(min(subjects["min_ccs"].min(), subjects["mean_ccs"].min()), 1, 31)
+    axes[0].hist(subjects["mean_ccs"], bins=bins, color="tab:blue", alpha=0.7, label="mean")
+    axes[0].hist(subjects["min_ccs"], bins=bins, color="tab:red", alpha=0.5, label="min")
+    axes[0].set_xlabel("true CCS of the identity's images")
+    axes[0].legend(fontsize=7)
+    axes[1].hist(subjects["mean_ccas"], bins=30, color="tab:purple")
+    axes[1].axvline(0, color="k", lw=0.8, ls="--")
+    axes[1].set_xlabel("mean true CCAS of the identity's images")
+    axes[2].hist(subjects["frac_ccas_pos"], bins=np.linspace(0, 1, 11), color="tab:green")
+    axes[2].set_xlabel("share of the identity's images with CCAS > 0")
     for ax in axes:
         ax.set_ylabel("identities")
         ax.grid(alpha=0.3)
@@ -99,7 +104,7 @@ def plot_attribution(images: np.ndarray, ig: np.ndarray, occ: np.ndarray, table:
         r = table.iloc[j]
         axes[0, j].imshow(face)
         axes[0, j].set_title(f"true CCAS {r.true_ccas:.2f}\npred CCAS {r.pred_ccas:.2f}", fontsize=7)
-        for i, (m, name) in enumerate(((ig[j], f"IG (sum {r.ig_sum:+.2f})"), (occ[j], "occlusion")), 1):
+        for i, (m, name) in enumerate(((ig[j], f"IG sum {r.ig_sum:+.2f}, f(x)-f(x') {r.pred_ccas - r.pred_ccas_baseline:+.2f}"), (occ[j], "occlusion")), 1):
             limit = float(np.percentile(np.abs(m), 99.5)) or 1.0  # pixel-level IG is sparse: clip the extremes
             axes[i, j].imshow(grey, cmap="gray")
             axes[i, j].imshow(m, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
