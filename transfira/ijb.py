@@ -164,18 +164,6 @@ def check_pairs_templates(pairs: pd.DataFrame, table: pd.DataFrame, source: str)
                              f"tid_mid file, e.g. {', '.join(map(str, missing[:5]))}")
 
 
-def write_pairs_csv(pairs: pd.DataFrame, path: str | Path, chunk: int = 1 << 20) -> None:
-    """The pair list as a ``template_a,template_b,label`` CSV, atomically, in chunks.
-
-    The one conversion for an evaluate.py that reads only CSV pair lists (see
-    :func:`transfira.ijb_job.native_pair_lists`); where it reads the release's file itself,
-    this step is not run.
-    """
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        for start in range(0, len(pairs), chunk):
-            pairs[PAIR_COLUMNS].iloc[start:start + chunk].to_csv(f, index=False, header=start == 0)
-
-
 # --- synthetic release ------------------------------------------------------------------------------
 
 def random_similarity(rng: np.random.Generator, size: int = 112) -> tuple[np.ndarray, tuple[int, int]]:

@@ -1,8 +1,7 @@
 """data/IJB/run_ijb.py's job: the IJB-B / IJB-C 1:1 protocol in four resumable stages.
 
 1. ``meta``: the release's meta files -> ``test.csv`` (path, template_id, media_id, landmarks,
-   det_score), checks the pair list, and converts it to ``pairs.csv`` for an evaluate.py
-   that reads only CSV pair lists (:func:`native_pair_lists`);
+   det_score) and checks the pair list (evaluate.py streams the release's file itself);
 2. ``features``: one pass over the loose crops, aligned to the ArcFace template in the data
    loader, through the deployed encoder (optionally with the flip test) and the predictor
    (CCS, CCAS) -> ``features/test_{features,ccs,ccas}.npy`` (test.py's extraction; an
@@ -130,15 +129,13 @@ def test_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
 
 
 def stage_meta(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
-    from .ijb import build_test_table, check_pairs_templates, meta_path, read_pairs, write_pairs_csv
+    from .ijb import build_test_table, check_pairs_templates, meta_path, read_pairs
 
     table = build_test_table(cfg["root"], cfg["prefix"])
     pairs_path = meta_path(cfg["root"], cfg["prefix"], "pairs")
     pairs = read_pairs(pairs_path)
     check_pairs_templates(pairs, table, str(pairs_path))
     save_csv(table, outdir / "test.csv")
-    if not native_pair_lists():
-        write_pairs_csv(pairs, outdir / "pairs.csv")
     media = table.groupby("template_id")["media_id"].nunique()
     genuine = int(pairs["label"].sum())
     log(f"{len(table)} images, {table['template_id'].nunique()} templates, {int(media.sum())} media "
@@ -180,18 +177,10 @@ def stage_templates(cfg: dict[str, Any], outdir: Path) -> list[Path]:
     return written
 
 
-def native_pair_lists() -> bool:
-    """Whether evaluate.py reads the release's space-separated pair list itself (streamed);
-    otherwise the meta stage converts it to ``pairs.csv`` once. The only place that decides."""
-    from .evaluation_job import SCHEMA
-
-    return "chunk_rows" in SCHEMA["pairs"]
-
-
 def pairs_file(cfg: dict[str, Any], outdir: Path) -> Path:
     from .ijb import meta_path
 
-    return meta_path(cfg["root"], cfg["prefix"], "pairs") if native_pair_lists() else outdir / "pairs.csv"
+    return meta_path(cfg["root"], cfg["prefix"], "pairs")
 
 
 def evaluate_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
@@ -259,7 +248,7 @@ def run_ijb(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1],
                              "templates": list(map(file_fingerprint, templates)),
                              **{k: cfg[k] for k in ("fmr", "threshold_convention", "bootstrap")}},
     }
-    outputs = {"meta": [outdir / "test.csv"] + ([] if native_pair_lists() else [outdir / "pairs.csv"]),
+    outputs = {"meta": [outdir / "test.csv"],
                "features": feature_files,
                "templates": templates, "evaluate": evaluation}
     actions = {"meta": lambda: stage_meta(cfg, outdir), "features": lambda: stage_features(cfg, outdir),
