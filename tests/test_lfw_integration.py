@@ -141,9 +141,13 @@ def test_scores_and_templates(run):
 def test_results_table(run):
     ev = run / "evaluation"
     results = read(ev / "results.csv")
-    assert set(results["variant"]) == set(VARIANTS)
+    rows = set(VARIANTS) | {"norm", "serfiq", "cr"}  # + the score-weighted templates (templates_dir)
+    assert set(results["variant"]) == rows
     measured = results[results["fmr"].isin([0.02, 0.1])]
-    assert len(measured) == 2 * len(VARIANTS) and measured["tar"].between(0, 1).all()
+    assert len(measured) == 2 * len(rows) and measured["tar"].between(0, 1).all()
+    # 95 % subject-bootstrap intervals around every measured TAR; baseline's own difference is 0
+    assert (measured["tar_lo"] <= measured["tar"] + 1e-12).all() and (measured["tar"] <= measured["tar_hi"] + 1e-12).all()
+    assert np.allclose(measured.loc[measured["variant"] == "baseline", "delta"], 0)
     # 90 impostor pairs: FMR 1e-3 cannot be measured and must say so, not print a number
     assert results.loc[np.isclose(results["fmr"], 1e-3), "tar"].isna().all()
     assert (ev / "results.md").is_file() and (ev / "roc.png").is_file()
