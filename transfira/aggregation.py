@@ -99,24 +99,10 @@ def aggregate_variants(features: np.ndarray, template_ids: Any, ccs: np.ndarray 
     base = pd.DataFrame({"template_id": ids, "images": images, "images_usable": n_usable})
     plans = {}
     for name in variants:
-        use_filter, use_weight = VARIANTS[name]
+        _, weights, columns = image_weights(codes, k, usable, ccs, ccas, *VARIANTS[name], eps=eps)
         summary = base.copy()
-        keep = usable
-        if use_filter:
-            passed = usable & (np.nan_to_num(ccas) > 0)
-            n_passed = count(passed).astype(np.int64)
-            fallback = (n_passed == 0) & (n_usable > 0)
-            keep = passed | (usable & fallback[codes])
-            summary["images_kept"] = n_passed
-            summary["filter_fallback"] = fallback
-        weights = keep.astype(np.float64)
-        if use_weight:
-            clamped = np.where(keep, np.clip(np.nan_to_num(ccs), 0, None), 0.0)
-            weight_sum = count(clamped)
-            fallback = (weight_sum <= eps) & (count(keep) > 0)
-            weights = np.where(fallback[codes], weights, clamped)
-            summary["weight_sum"] = weight_sum
-            summary["weight_fallback"] = fallback
+        for column, values in columns.items():
+            summary[column] = values
         summary["images_used"] = count(weights > 0).astype(np.int64)
         plans[name] = (weights, summary)
     columns = np.stack([w for w, _ in plans.values()], 1)
@@ -182,7 +168,7 @@ def _rows(features: np.ndarray, start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(block)
 
 
-# --- IJB media pooling (issue #11): new functions, the ones above are unchanged ------------------------
+# --- per-image weights of a variant, and IJB media pooling (issue #11) ---------------------------------
 
 def image_weights(codes: np.ndarray, k: int, usable: np.ndarray, ccs: np.ndarray | None, ccas: np.ndarray | None,
                   use_filter: bool, use_weight: bool, eps: float = WEIGHT_EPS) -> tuple[np.ndarray, np.ndarray, dict]:
