@@ -21,7 +21,8 @@ path), never global state or file order, so the same arguments give the same CSV
 * Test templates: enrol template ``2k`` = the enrolment photo, probe template ``2k+1`` = the
   clip (one clip per test identity with the default ``--clips-test 1``; further clips get
   their own probe ids, ``2k+1`` for the first). ``test.csv`` = probe frames (rows of
-  ``test_probes.csv``, same order) then the gallery photos, with ``template_id``;
+  ``test_probes.csv``, same order) then the gallery photos, with ``template_id``; ``test_clips.csv``
+  its probe rows only (test.py's input; the enrol templates are the photos themselves);
   ``templates.csv`` (template_id, subject_id, side); ``pairs.csv`` every enrol x probe pair.
 
 Layout of ``--out`` (``data_dir`` of every config is ``<out>/images``)::
@@ -105,7 +106,7 @@ def build_tables(photos: pd.DataFrame, args: argparse.Namespace) -> dict[str, pd
     return tables
 
 
-def test_templates(gallery: pd.DataFrame, probes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def make_test_templates(gallery: pd.DataFrame, probes: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``test.csv`` (probes, then gallery, with template_id), ``templates.csv`` and ``pairs.csv``."""
     index = {s: 2 * k for k, s in enumerate(sorted(gallery["subject_id"].unique()))}
     n_sub = len(index)
@@ -163,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clips-train", type=int, default=1, help="clips per train identity (one per non-enrolment photo)")
     p.add_argument("--clips-val", type=int, default=1)
     p.add_argument("--clips-test", type=int, default=1)
-    p.add_argument("--frames", type=int, default=8, help="frames per clip")
+    p.add_argument("--frames", type=int, default=5, help="frames per clip")
     p.add_argument("--clean-frames", type=int, default=1, help="undegraded frames at the start of each clip")
     p.add_argument("--kinds", default=",".join(KINDS), help="degradations, comma-separated")
     p.add_argument("--stack", type=int, default=1, help="degradations applied together to each degraded frame")
@@ -194,10 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not (lfw / "all.csv").is_file():
         raise SystemExit(f"{lfw / 'all.csv'} not found (--lfw)")
     tables = build_tables(pd.read_csv(lfw / "all.csv")[["path", "subject_id"]], args)
-    test, templates, pairs = test_templates(tables["test_gallery"], tables["test_probes"])
+    test, templates, pairs = make_test_templates(tables["test_gallery"], tables["test_probes"])
     out.mkdir(parents=True, exist_ok=True)
     written = write_images(tables, lfw, out / "images")
-    for name, table in {**tables, "test": test, "templates": templates, "pairs": pairs}.items():
+    clips = test[test["frame"] >= 0]  # the probe frames with their template ids: test.py's input
+    for name, table in {**tables, "test": test, "test_clips": clips, "templates": templates, "pairs": pairs}.items():
         table.to_csv(out / f"{name}.csv", index=False)
     disk = sum(f.stat().st_size for f in (out / "images").rglob("*") if f.is_file())
     summary = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "shares"},
