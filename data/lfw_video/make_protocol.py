@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     clips = test[test["frame"] >= 0]  # the probe frames with their template ids: test.py's input
     for name, table in {**tables, "test": test, "test_clips": clips, "templates": templates, "pairs": pairs}.items():
         table.to_csv(out / f"{name}.csv", index=False)
-    disk = sum(f.stat().st_size for f in (out / "images").rglob("*") if f.is_file())
+    disk = sum((out / "images" / path).stat().st_size for table in tables.values() for path in table["path"])
     summary = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "shares"},
                **{f"{s}_identities": int(tables[f"{s}_gallery"]["subject_id"].nunique()) for s in SPLITS},
                **{f"{s}_frames": len(tables[f"{s}_probes"]) for s in SPLITS},
