@@ -172,12 +172,11 @@ def test_small_real_run(tmp_path):
         pos = {t: i for i, t in enumerate(mine["ids"])}
         np.testing.assert_allclose(mine["vectors"][[pos[t] for t in theirs["ids"][order]]],
                                    theirs["vectors"][order], rtol=1e-5, atol=1e-5)
-    # evaluate.py's TAR of the shared rows equals analyse.py's point estimate
-    metrics = pd.read_csv(tmp_path / "evaluation" / "verification.csv") if (
-        tmp_path / "evaluation" / "verification.csv").is_file() else None
-    if metrics is not None and "variant" in metrics:
-        for name in ("baseline", "norm_weight"):
-            got = metrics[metrics["variant"] == name]
-            assert not got.empty
+    # evaluate.py's TAR (pairs.csv, its own pair code) equals analyse.py's (subject score matrix)
+    metrics = pd.read_csv(tmp_path / "evaluation" / "results.csv")
+    for name, key in (("baseline", "baseline"), ("norm_weight", "norm_weight"), ("filter_weight", "e2e_filter_weight"),
+                      ("true_filter_weight", "true_filter_weight")):
+        got = metrics[metrics["variant"] == name].sort_values("fmr")["tar"].to_numpy()
+        np.testing.assert_allclose(got, r["tar"][key]["tar"], atol=1e-9)
     truth = pd.read_csv(tmp_path / "analysis" / "test_probes_scores.csv")
     assert (truth.loc[truth["frame"] == 0, "ccas"] > 0).mean() >= (truth.loc[truth["frame"] > 0, "ccas"] > 0).mean()

@@ -119,6 +119,8 @@ def recut(pred_ccas: np.ndarray, true_ccas: np.ndarray) -> float:
 
 def erc(quality: np.ndarray, genuine: np.ndarray, threshold: float, fractions: np.ndarray) -> np.ndarray:
     """FNMR of the frames left after discarding the lowest-quality ``fractions`` (one genuine score per frame)."""
+    if not np.isfinite(threshold):
+        return np.full(len(fractions), np.nan)
     order = np.argsort(quality, kind="stable")
     out = []
     for f in fractions:
@@ -173,13 +175,15 @@ def embed(model_path: str, images: list, checkpoint: str = "", embedding_size: i
     return tuple(np.concatenate(parts) for parts in zip(*outs))
 
 
-def orl_images(orl: Path, seed: int, protocol: dict) -> tuple[pd.DataFrame, list]:
+def orl_images(orl: Path, seed: int, protocol: dict, subjects: int = 0) -> tuple[pd.DataFrame, list]:
     """AT&T/ORL, 92x112 grey padded to 112x112 RGB: one enrolment photo per subject (hash order), the
     other 9 photos as probes, each either clean or degraded (by hash, half and half; the encoder's
     protocol severities)."""
     from PIL import Image
 
     table = pd.read_csv(orl / "all.csv")
+    if subjects:
+        table = table[table["subject_id"].isin(sorted(table["subject_id"].unique())[:subjects])]
     table = table.assign(_h=[_hash(seed, "gallery", p) for p in table["path"]]).sort_values(["subject_id", "_h"])
     rows, images = [], []
     kinds = tuple(protocol["kinds"].split(",")) if isinstance(protocol["kinds"], str) else tuple(protocol["kinds"])
@@ -325,6 +329,12 @@ def main(argv: list[str] | None = None) -> dict:
         curves = {name: erc(q, gen, thr, fractions) for name, q in {**quality, "true CCS": true[:, 0]}.items()}
         erc_rows[fmr] = {"threshold": thr, "curves": {k2: v.tolist() for k2, v in curves.items()},
                          "auc": {k2: float(np.trapezoid(v, fractions)) for k2, v in curves.items()}}
+        if np.isfinite(thr):  # subject bootstrap of the area (threshold fixed), 200 resamples
+            rows_of = pd.Series(np.arange(n)).groupby(frame_sub).apply(np.asarray).to_dict()
+            picks = [np.concatenate([rows_of[g] for g in rep]) for rep in reps[:200]]
+            erc_rows[fmr]["auc_ci"] = {
+                k2: interval(np.array([np.trapezoid(erc(q[r], gen[r], thr, fractions), fractions) for r in picks]))
+                for k2, q in {**quality, "true CCS": true[:, 0]}.items()}
 
     # per degradation / per severity
     kind = probes["degradation"].astype(str)
@@ -348,19 +358,19 @@ def main(argv: list[str] | None = None) -> dict:
                         fmt(ev.spearman(norm[idx], true[idx, 0])), fmt(ev.spearman(preds[main_pred][idx, 0], true[idx, 0])),
                         fmt(np.mean((preds[main_pred][idx, 1] > 0) == (true[idx, 1] > 0)))])
 
-    # transfer to AT&T/ORL
-    orl_res = None
-    if not args.skip_orl and cfg.get("orl") and Path(cfg["orl"]).is_dir():
-        orl_res = transfer_orl(cfg, work, protocol_args, {"ridge": w_sub, "ridge_all": w_all})
-
     result = {"fmr": fmrs, "identities": n_sub, "frames": n, "genuine": n_sub, "impostor": n_sub * (n_sub - 1),
               "bootstrap": cfg["bootstrap"], "share_degraded_below_cut": float(np.mean(true[sev > 0, 1] <= 0)),
               "share_all_below_cut": float(np.mean(true[:, 1] <= 0)), "tar": tar, "spearman": sc, "cut": cuts,
-              "erc": erc_rows, "per_kind": per_kind, "per_severity": per_sev, "orl": orl_res,
+              "erc": erc_rows, "per_kind": per_kind, "per_severity": per_sev, "orl": None,
               "main_predictor": main_pred, "seconds": round(time.perf_counter() - start, 1)}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     (out / "results.md").write_text(report(result))
     plots(result, mats, fmrs, out)
+    if not args.skip_orl and cfg.get("orl") and Path(cfg["orl"]).is_dir():  # transfer to AT&T/ORL
+        result["orl"] = transfer_orl(cfg, work, protocol_args, {"ridge": w_sub, "ridge_all": w_all})
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+        (out / "results.md").write_text(report(result))
     print(report(result))
     print(f"analysis in {out} ({result['seconds']} s)")
     return result
@@ -368,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def transfer_orl(cfg: dict, work: Path, protocol: dict, ridge: dict[str, np.ndarray]) -> dict:
     """Spearman, cut shares and 2 x 2 agreement of the LFW-trained predictors on AT&T/ORL; the recut remedy."""
-    table, images = orl_images(Path(cfg["orl"]), cfg["seed"], protocol)
+    table, images = orl_images(Path(cfg["orl"]), cfg["seed"], protocol, cfg.get("orl_subjects", 0))
     (z,) = embed(cfg["model_path"], images)
     gal = table["role"].to_numpy() == "gallery"
     subjects = table["subject_id"].to_numpy()
@@ -434,9 +444,10 @@ def report(r: dict) -> str:
         lines += [f"ERC at FMR {float(fmr):g} (enrolment photo x frame pairs, threshold {e['threshold']:.4f}): "
                   "FNMR after discarding 0 / 20 / 40 % of frames, area over [0, 0.8]", ""]
         fr = np.linspace(0, 0.8, 17)
-        rows = [[k, *(fmt(c[int(np.argmin(np.abs(fr - x)))]) for x in (0, 0.2, 0.4)), fmt(e["auc"][k], 4)]
-                for k, c in e["curves"].items()]
-        lines += [md_table(["score", "0 %", "20 %", "40 %", "area"], rows), ""]
+        ci = e.get("auc_ci", {})
+        rows = [[k, *(fmt(c[int(np.argmin(np.abs(fr - x)))]) for x in (0, 0.2, 0.4)), fmt(e["auc"][k], 4),
+                 f"[{ci[k][0]:.4f}, {ci[k][1]:.4f}]" if k in ci else "n/a"] for k, c in e["curves"].items()]
+        lines += [md_table(["score", "0 %", "20 %", "40 %", "area", "area 95 %"], rows), ""]
     rows = [[k, fmt(c["true_pos"]), fmt(c["pred_pos"]), fmt(c["both_pos"]), fmt(c["pred_pos_true_neg"]),
              fmt(c["pred_neg_true_pos"]), fmt(c["both_neg"]), fmt(c["agree"])] for k, c in r["cut"].items()]
     lines += ["Cut agreement on the test frames (shares of all frames):", "",
