@@ -157,7 +157,7 @@ def test_small_real_run(tmp_path):
     small = ["protocol.max_ids_train=12", "protocol.max_ids_val=3", "protocol.max_ids_test=14", "protocol.frames=3",
              "prepare.e2e_train_ids=8", "analyse.bootstrap=20", "analyse.recut=10", "train.save_every_steps=0",
              "generate.num_workers=0", "train.num_workers=0", "test.num_workers=0", "evaluate.fmr=[0.02, 0.1]",
-             "analyse.fmr=[0.02, 0.1]"]
+             "analyse.fmr=[0.02, 0.1]", "analyse.orl_subjects=3"]
     cmd = [sys.executable, str(ROOT / "data/lfw_video/run_protocol.py"), "--workdir", str(tmp_path),
            *[a for s in small for a in ("--set", s)]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
