@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from data.lfw_video.make_protocol import _hash, frame_plan, render  # noqa: E402
 from transfira import evaluation as ev  # noqa: E402
 from transfira.aggregation import aggregate_variants  # noqa: E402
+from transfira.degradations import degrade  # noqa: E402
 from transfira.io import save_id_vectors  # noqa: E402
 
 VARIANTS = ("weight", "filter", "filter_weight")
@@ -199,7 +200,6 @@ def orl_images(orl: Path, seed: int, protocol: dict, subjects: int = 0) -> tuple
                                   (protocol["severity_min"], protocol["severity_max"]))
                 img = canvas
                 for i, kind in enumerate(plan["degradation"].split("+")):
-                    from transfira.degradations import degrade
                     img = degrade(img, kind, plan["severity"], (plan["pixel_seed"] + i) % 2**32)
                 versions = [(plan["degradation"], plan["severity"], img)]
             for kind, sev, img in versions:
@@ -403,8 +403,7 @@ def transfer_orl(cfg: dict, work: Path, protocol: dict, ridge: dict[str, np.ndar
     rest = np.setdiff1d(np.arange(len(probes)), labelled)
     out = {"images": len(table), "probes": len(probes), "centers": int(gal.sum()),
            "genuine_mean": float(gsim[np.arange(len(own)), own].mean()),
-           "impostor_mean": float(np.mean(np.where(np.eye(len(centers))[own] > 0, np.nan, gsim)[~np.isnan(
-               np.where(np.eye(len(centers))[own] > 0, np.nan, gsim))])),
+           "impostor_mean": float(gsim[np.arange(len(centers))[None, :] != own[:, None]].mean()),
            "true_pos_share": float(np.mean(ccas > 0)), "norm_spearman": ev.spearman(np.linalg.norm(zp, axis=1), ccs),
            "predictors": {}}
     for k, v in preds.items():
