@@ -29,7 +29,6 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from data.lfw_video.make_protocol import _hash, frame_plan, render  # noqa: E402
+from data.lfw_video.make_protocol import _hash, frame_plan  # noqa: E402
 from transfira import evaluation as ev  # noqa: E402
 from transfira.aggregation import aggregate_variants  # noqa: E402
 from transfira.degradations import degrade  # noqa: E402
