@@ -6,6 +6,8 @@
 Features come from the deployed encoder (model_path), CCS/CCAS from the predictor
 (checkpoint_path); steps given together share one pass over the images. A step not run
 reads the earlier one's output from outdir (or --features_path / --ccs_path / --ccas_path).
+A [quality] table in the config adds FIQA scores (norm, SER-FIQ, CR, external CSVs) from the
+same pass: test_quality.csv, test_serfiq.npy and, with --aggregate_features, templates_<score>.npz.
 """
 from __future__ import annotations
 

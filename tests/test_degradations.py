@@ -180,3 +180,31 @@ def test_bad_severity_raises(face, kind, severity):
 def test_unknown_kind_raises(face):
     with pytest.raises(ValueError, match="unknown degradation 'smudge'"):
         degrade(face, "smudge", 0.5, 0)
+
+
+def test_issue_12_list_is_covered():
+    """Gaussian blur, down-then-up scaling, JPEG, additive noise, occlusion (eyes, mouth, random), brightness
+    both directions, in-plane rotation, horizontal flip (issue #12)."""
+    assert {"blur", "downscale", "jpeg", "noise", "occlusion", "occlusion_eyes", "occlusion_mouth",
+            "underexpose", "overexpose", "rotation", "hflip"} <= set(DEGRADATIONS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pure_function_of_image_severity_seed(face, kind):
+    """The input is never modified, and a call gives the same pixels whatever ran before it (no hidden state)."""
+    before = pixels(face).copy()
+    first = pixels(degrade(face, kind, 0.6, 11))
+    for other in KINDS:
+        degrade(face, other, 0.9, 12)
+    np.random.seed(99)  # the global numpy state must not matter
+    np.testing.assert_array_equal(pixels(degrade(face, kind, 0.6, 11)), first)
+    np.testing.assert_array_equal(pixels(face), before)
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "hflip"])
+def test_distance_from_original_grows_with_severity(face, kind):
+    """For a fixed seed the damage (mean squared change) never shrinks as the severity grows."""
+    for seed in (0, 1):
+        errors = [mse(degrade(face, kind, s, seed), face) for s in np.linspace(0, 1, 6)]
+        assert errors[0] == 0 and all(a <= b for a, b in zip(errors, errors[1:])), (seed, errors)
+        assert errors[-1] > errors[1]

@@ -168,6 +168,8 @@ def write_config(tmp: Path, pairs: str, images: bool = True, extra: str = "", ou
     variants = "\n".join(f"{v} = '{tmp}/templates_{v}.npz'" for v in ["baseline", "weight", "filter", "filter_weight"])
     img = (f"[images]\nlabels = '{tmp}/labels.csv'\nfeatures = '{tmp}/feats.npy'\nccs = '{tmp}/pred_ccs.npy'\n"
            f"ccas = '{tmp}/pred_ccas.npy'\nquality_columns = ['serfiq']\nmax_discard = 0.6\n") if images else ""
+    if "bootstrap" not in extra:
+        extra += "\nbootstrap = 100"  # fewer replicates than the default 1000: CI time
     text = (f"outdir = '{tmp}/{outdir}'\nfmr = [1e-2, 1e-3, 1e-4, 1e-6]\nchunk_size = 40\n{extra}\n"
             f"[templates]\n{variants}\n[pairs]\n{pairs}\n{img}")
     path = tmp / "evaluate.toml"
@@ -217,7 +219,7 @@ def test_bad_input_cli(tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "pairs.csv" in lines[0]
-    assert "missing column(s) 'label' (present: template_a, template_b)" in lines[0]
+    assert "missing column(s) 'label'; columns present: template_a, template_b" in lines[0]
 
 
 def test_missing_template_ids(tmp_path):
@@ -226,7 +228,8 @@ def test_missing_template_ids(tmp_path):
     pairs.loc[3, "template_b"] = "nobody"
     pairs.to_csv(tmp_path / "pairs.csv", index=False)
     cfg = load_evaluate_config(write_config(tmp_path, f"path = '{tmp_path}/pairs.csv'", images=False))
-    with pytest.raises(TransfiraError, match=r"templates_baseline.npz: 1 template id\(s\) from .*pairs.csv .*nobody"):
+    pattern = r"templates_baseline.npz: template id\(s\) from .*pairs.csv not in the file, e.g. nobody \(row\(s\) 4\)"
+    with pytest.raises(TransfiraError, match=pattern):
         run(cfg)
 
 
@@ -267,3 +270,112 @@ def test_gallery_probe_mode(tmp_path):
         tmp_path, f"gallery = '{tmp_path}/gallery.csv'\nprobes = '{tmp_path}/probes.csv'", images=False)))
     md = (tmp_path / "out" / "results.md").read_text()
     assert "120 genuine, 3480 impostor" in md  # 60 x 60 pairs; 30 subjects with 2 gallery x 2 probes each
+
+
+# --- intervals, score-weighted templates, quality scores, pair files, conventions -----------------
+
+
+def test_nearest_fpr_convention_matches_sklearn():
+    """InsightFace's IJB rule on sklearn's roc_curve, from the full scores; ours from the top only."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(11)
+    fmrs = [0.1, 0.01, 0.003, 1e-4]
+    for trial in range(60):
+        ng, ni, grid = rng.integers(5, 200), rng.integers(50, 3000), [0, 10, 40][trial % 3]
+        g, i = rng.normal(1, 1, ng), rng.normal(0, 1, ni)
+        if grid:  # ties
+            g, i = np.round(g * grid) / grid, np.round(i * grid) / grid
+        fpr, tpr, _ = roc_curve(np.r_[np.ones(ng), np.zeros(ni)], np.r_[g, i])
+        fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+        want = [tpr[min(zip(abs(fpr - f), range(len(fpr))))[1]] for f in fmrs]
+        for k in [ni, int(2 * 0.1 * ni) + 40]:
+            try:
+                tar, _ = ev.nearest_fpr_tar(g, np.sort(i)[::-1][:k], ni, fmrs)
+            except ev.NeedMoreImpostors:
+                assert k < ni
+                continue
+            np.testing.assert_allclose(tar, want, atol=1e-12)
+
+
+def quality_inputs(tmp: Path) -> None:
+    """A score-weighted templates file and test.py's test_quality.csv (rows in another order)."""
+    rng = np.random.default_rng(12)
+    with np.load(tmp / "templates_filter.npz") as z:
+        save_id_vectors(tmp / "templates_norm.npz", z["ids"], z["vectors"] + 0.1 * rng.normal(size=z["vectors"].shape))
+    labels = pd.read_csv(tmp / "labels.csv")
+    q = pd.DataFrame({"path": labels.path, "template_id": "t", "ccs": 0.0, "ccas": 0.0,
+                      "norm": labels.ccs + 0.3 * rng.normal(size=len(labels)), "cr": rng.random(len(labels))})
+    q.iloc[::-1].to_csv(tmp / "test_quality.csv", index=False)
+
+
+def test_templates_dir_quality_scores_and_intervals(tmp_path):
+    make_inputs(tmp_path)
+    quality_inputs(tmp_path)
+    cfg_path = write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'", extra=(
+        f"bootstrap = 300\nseed = 3\ntemplates_dir = '{tmp_path}'"))
+    text = cfg_path.read_text().replace(
+        "max_discard = 0.6", f"max_discard = 0.6\nquality_csv = '{tmp_path}/test_quality.csv'\nscores = ['norm', 'cr']")
+    cfg_path.write_text(text)
+    run(load_evaluate_config(cfg_path))
+    out = tmp_path / "out"
+    res = pd.read_csv(out / "results.csv")
+    assert list(dict.fromkeys(res.variant)) == ["baseline", "weight", "filter", "filter_weight", "norm"]
+    ok = res.tar.notna()
+    assert (res.tar_lo[ok] <= res.tar[ok] + 1e-12).all() and (res.tar[ok] <= res.tar_hi[ok] + 1e-12).all()
+    assert (res.tar_hi[ok] > res.tar_lo[ok]).any() and res.tar_lo[~ok].isna().all()
+    base = res[res.variant == "baseline"].set_index("fmr")
+    for v, sub in res.groupby("variant"):
+        sub = sub.set_index("fmr")
+        np.testing.assert_allclose(sub.delta, sub.tar - base.tar)
+    assert (res[res.variant == "baseline"].delta_hi.fillna(0) == 0).all()
+    md = (out / "results.md").read_text()
+    assert "| norm |" in md and "Difference to baseline" in md
+    assert any(c.count("[") == 1 and c.strip()[0].isdigit() for c in md.split("|"))  # '0.9839 [0.97, 0.99]'
+    img = pd.read_csv(out / "image_results.csv")
+    labels = pd.read_csv(tmp_path / "labels.csv")
+    q = pd.read_csv(tmp_path / "test_quality.csv").set_index("path").loc[labels.path]
+    row = img[(img.measure == "norm") & (img.fmr == 1e-2)].iloc[0]
+    assert math.isclose(row.sc, scipy.stats.spearmanr(q.norm, labels.ccs)[0], abs_tol=1e-12)
+    assert row.sc_lo <= row.sc <= row.sc_hi and row.erc_auc_lo <= row.erc_auc <= row.erc_auc_hi
+    assert set(img.measure) >= {"norm", "cr", "predicted CCS", "ideal (true CCS)"}
+
+
+def test_ijb_pair_file_streamed_in_chunks(tmp_path):
+    """A space-separated IJB pair list read 97 rows at a time gives the TARs of the all-vs-all run."""
+    make_inputs(tmp_path)
+    pairs = pd.read_csv(tmp_path / "pairs.csv")
+    pairs.to_csv(tmp_path / "ijb_pairs.txt", sep=" ", header=False, index=False)
+    extra = "bootstrap = 50\nthreshold_convention = 'insightface'"
+    for mode, spec in [("ijb", f"path = '{tmp_path}/ijb_pairs.txt'\nchunk_rows = 97"),
+                       ("all", f"subjects = '{tmp_path}/subjects.csv'")]:
+        run(load_evaluate_config(write_config(tmp_path, spec, images=False, outdir=mode, extra=extra)))
+    a, b = pd.read_csv(tmp_path / "ijb" / "results.csv"), pd.read_csv(tmp_path / "all" / "results.csv")
+    pd.testing.assert_series_equal(a.tar, b.tar, atol=1e-12)
+    pd.testing.assert_series_equal(a.variant, b.variant)
+    assert a.tar_lo.notna().sum() == b.tar_lo.notna().sum() > 0
+    assert (a.convention == "insightface").sum() == 16 and a.variant.str.contains("InsightFace nearest-FPR").sum() == 16
+    assert not list((tmp_path / "ijb").glob(".pairs-*"))  # the binary cache is removed
+
+
+def test_truncated_templates_and_bad_pair_rows(tmp_path):
+    make_inputs(tmp_path)
+    data = (tmp_path / "templates_weight.npz").read_bytes()
+    (tmp_path / "templates_weight.npz").write_bytes(data[: len(data) // 2])
+    cfg = load_evaluate_config(write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'", images=False,
+                                            extra="bootstrap = 0"))
+    with pytest.raises(TransfiraError, match=r"templates_weight.npz: cannot read \(truncated or corrupt"):
+        run(cfg)
+    (tmp_path / "pairs.txt").write_text("t000 t001 1\nt000 t002 0\nt001 t003 yes\n")
+    cfg = load_evaluate_config(write_config(tmp_path, f"path = '{tmp_path}/pairs.txt'", images=False))
+    with pytest.raises(TransfiraError, match=r"pairs.txt: column 'label' must be 1 .*'yes'.* row\(s\) 3"):
+        run(cfg)
+
+
+def test_bootstrap_off(tmp_path):
+    make_inputs(tmp_path)
+    run(load_evaluate_config(write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'", images=False,
+                                          extra="bootstrap = 0")))
+    res = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert res.tar_lo.isna().all() and res.delta_lo.isna().all() and res.delta.notna().any()
+    assert "[" not in (tmp_path / "out" / "results.md").read_text().split("## Template")[1].split("n/a:")[0]

@@ -128,14 +128,26 @@ def test_scores_and_templates(run):
             for tid, vec in zip(ids, vectors):
                 rows = np.flatnonzero(test["template_id"].to_numpy() == tid)
                 np.testing.assert_allclose(vec, features[rows].mean(0), rtol=1e-4, atol=1e-4)
+    # FIQA baselines of configs/examples/lfw/test.toml: norm, SER-FIQ (computed in the scoring pass), CR
+    quality = read(results / "test_quality.csv")
+    assert list(quality.columns) == ["path", "template_id", "ccs", "ccas", "norm", "serfiq", "cr"]
+    np.testing.assert_allclose(quality["norm"], np.linalg.norm(features, axis=1), rtol=1e-5)
+    assert quality["serfiq"].between(0, 1).all() and quality["serfiq"].std() > 0
+    for score in ("norm", "serfiq", "cr"):
+        with np.load(results / f"templates_{score}.npz") as npz:
+            assert npz["vectors"].shape == (len(templates), 192) and np.isfinite(npz["vectors"]).all()
 
 
 def test_results_table(run):
     ev = run / "evaluation"
     results = read(ev / "results.csv")
-    assert set(results["variant"]) == set(VARIANTS)
+    rows = set(VARIANTS) | {"norm", "serfiq", "cr"}  # + the score-weighted templates (templates_dir)
+    assert set(results["variant"]) == rows
     measured = results[results["fmr"].isin([0.02, 0.1])]
-    assert len(measured) == 2 * len(VARIANTS) and measured["tar"].between(0, 1).all()
+    assert len(measured) == 2 * len(rows) and measured["tar"].between(0, 1).all()
+    # 95 % subject-bootstrap intervals around every measured TAR; baseline's own difference is 0
+    assert (measured["tar_lo"] <= measured["tar"] + 1e-12).all() and (measured["tar"] <= measured["tar_hi"] + 1e-12).all()
+    assert np.allclose(measured.loc[measured["variant"] == "baseline", "delta"], 0)
     # 90 impostor pairs: FMR 1e-3 cannot be measured and must say so, not print a number
     assert results.loc[np.isclose(results["fmr"], 1e-3), "tar"].isna().all()
     assert (ev / "results.md").is_file() and (ev / "roc.png").is_file()

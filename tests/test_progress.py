@@ -12,6 +12,7 @@ from transfira import progress as pg
 def test_lines_every_ten_percent_and_a_last_line(monkeypatch, capsys):
     monkeypatch.setenv("TRANSFIRA_PROGRESS", "lines")
     monkeypatch.setattr(pg, "LINE_SECONDS", 1e9)
+    monkeypatch.setattr(pg, "MIN_SECONDS", 0.0)  # as if each 10 % took longer than MIN_SECONDS
     for _ in pg.progress(range(1000), desc="images", unit="img"):
         pass
     lines = capsys.readouterr().err.strip().splitlines()
@@ -19,6 +20,24 @@ def test_lines_every_ten_percent_and_a_last_line(monkeypatch, capsys):
     assert lines[0].startswith("images: 100/1000 img (10%)")
     assert lines[-1].startswith("images: 1000/1000 img (100%)") and lines[-1].endswith("done")
     assert "\r" not in "".join(lines)
+
+
+def test_short_loops_print_one_line_or_none(monkeypatch, capsys):
+    """A loop done within MIN_SECONDS: its closing line only, and nothing at all for an inner
+    (leave=False) loop such as one short epoch; a long inner loop still closes its lines."""
+    monkeypatch.setenv("TRANSFIRA_PROGRESS", "lines")
+    for _ in pg.progress(range(1000), desc="images"):
+        pass
+    for _ in range(5):
+        for _ in pg.progress(range(3), desc="epoch", leave=False):
+            pass
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("images: 1000/1000 it (100%)")
+    monkeypatch.setattr(pg, "MIN_SECONDS", 0.0)
+    for _ in pg.progress(range(20), desc="long epoch", leave=False):
+        pass
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[-1].endswith("done")
 
 
 def test_lines_by_time_without_total(monkeypatch, capsys):

@@ -202,3 +202,110 @@ def test_bad_input_one_line_errors(setup, demo_dir, case):
     assert "\n" not in message and expect in message, message
     if case == "length":
         assert str(N_IMAGES) in message
+
+
+QUALITY_TOML = """
+[quality]
+scores = ["norm", "serfiq", "cr"]
+rescale = "minmax"
+[quality.serfiq]
+m = {m}
+[quality.external.ext]
+csv = '{csv}'
+column = "q"
+"""
+
+
+def quality_config(setup, demo_dir, name, outdir, batch_size, m=8):
+    frame = pd.read_csv(setup / "test.csv")
+    external = setup / "external.csv"
+    if not external.exists():  # another tool's scores, in another row order, with an extra row
+        q = np.random.default_rng(5).uniform(-1, 2, len(frame))
+        pd.DataFrame({"path": list(frame.path[::-1]) + ["other.png"], "q": list(q[::-1]) + [np.nan]}).to_csv(
+            external, index=False)
+    path = write_config(setup, demo_dir, name, outdir=outdir, batch_size=batch_size)
+    with open(path, "a") as f:
+        f.write(QUALITY_TOML.format(csv=external, m=m))
+    return path
+
+
+def test_quality_scores_and_score_templates(setup, demo_dir, capsys):
+    """norm, SER-FIQ, CR and an external score in the same pass; test_quality.csv; templates_<score>.npz."""
+    from transfira.quality import score_templates
+
+    cfg = load_config(quality_config(setup, demo_dir, "quality.toml", "quality", 7), TEST_SCHEMA)
+    written = run_test(cfg, generate_features=True, predict_scores=True, aggregate=True, variants=list(VARIANTS))
+    out = setup / "quality"
+    table = pd.read_csv(out / "test_quality.csv")
+    assert list(table.columns) == ["path", "template_id", "ccs", "ccas", "norm", "serfiq", "cr", "ext"]
+    frame = pd.read_csv(setup / "test.csv")
+    assert table.path.tolist() == frame.path.tolist() and table.template_id.tolist() == frame.template_id.tolist()
+    features = np.load(out / "test_features.npy")
+    ccs, ccas, serfiq = (np.load(out / f"test_{s}.npy") for s in ("ccs", "ccas", "serfiq"))
+    np.testing.assert_allclose(table.ccs, ccs, rtol=1e-6)
+    np.testing.assert_allclose(table.norm, np.linalg.norm(features.astype(np.float64), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(table.cr, ccs / (ccs - ccas + 1 + 1e-9), rtol=1e-6)
+    np.testing.assert_allclose(table.serfiq, serfiq, rtol=1e-6)
+    assert ((serfiq > 0) & (serfiq <= 1)).all() and np.ptp(serfiq) > 1e-3
+    external = pd.read_csv(setup / "external.csv").set_index("path").q
+    np.testing.assert_allclose(table.ext, external[frame.path].to_numpy())
+    if (setup / "out" / "test_features.npy").exists():  # the split encoder gives the plain encoder's features
+        np.testing.assert_allclose(features, np.load(setup / "out" / "test_features.npy"), rtol=1e-5, atol=1e-6)
+    for name in ("norm", "serfiq", "cr", "ext"):
+        assert written[f"templates_{name}.npz"].exists()
+        (ids0, vectors0, _), = score_templates(features, frame.template_id.to_numpy(), {name: table[name].to_numpy()},
+                                               "minmax").values()
+        ids, vectors = templates(out, name)
+        np.testing.assert_array_equal(ids, ids0)
+        np.testing.assert_allclose(vectors, vectors0, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(vectors, templates(out, "baseline")[1], atol=1e-4)  # the weights matter
+    # SER-FIQ does not depend on the batch composition; the LFW route computes it in the scoring pass
+    capsys.readouterr()
+    other = load_config(quality_config(setup, demo_dir, "quality16.toml", "quality16", 16), TEST_SCHEMA)
+    run_test(other, generate_features=True)
+    assert "test_quality.csv not written" in capsys.readouterr().out
+    np.testing.assert_allclose(np.load(setup / "quality16" / "test_serfiq.npy"), serfiq, rtol=1e-6)
+    np.save(setup / "quality16" / "features_copy.npy", features)
+    (setup / "quality16" / "test_serfiq.npy").unlink()
+    cli("--config", setup / "quality16.toml", "--predict_scores", "--aggregate_features",
+        "--features_path", setup / "quality16" / "features_copy.npy")
+    np.testing.assert_allclose(np.load(setup / "quality16" / "test_serfiq.npy"), serfiq, rtol=1e-6)
+    pd.testing.assert_frame_equal(pd.read_csv(setup / "quality16" / "test_quality.csv"), table, rtol=1e-5)
+    # aggregation alone reads test_serfiq.npy; without it, the error says how to make it
+    (setup / "quality16" / "test_serfiq.npy").unlink()
+    with pytest.raises(TransfiraError, match=r"SER-FIQ scores file not found: .*test_serfiq\.npy"):
+        run_test(other, aggregate=True)
+
+
+def test_serfiq_pass_resumes(setup, demo_dir, monkeypatch):
+    """An interrupted pass resumes with the same SER-FIQ scores; with another m it starts over."""
+    from transfira import features as feat
+    from transfira import quality
+
+    if not (setup / "quality" / "test_serfiq.npy").exists():
+        pytest.skip("needs test_quality_scores_and_score_templates")
+    monkeypatch.setattr(feat, "FLUSH_EVERY", 1)
+    real, calls = quality.SerFiq.scores, {"n": 0}
+
+    def crashing(self, x, keys):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self, x, keys)
+
+    monkeypatch.setattr(quality.SerFiq, "scores", crashing)
+    batches = -(-N_IMAGES // 7)
+    for m, expected_calls in ((8, batches - 3), (9, batches)):  # m = 9: the interrupted m = 8 run is not reused
+        calls["n"] = 0
+        cfg = load_config(quality_config(setup, demo_dir, "resume.toml", "resume", 7, m=8), TEST_SCHEMA)
+        with pytest.raises(KeyboardInterrupt):
+            run_test(cfg, generate_features=True)
+        assert (setup / "resume" / "test_features.partial.json").exists()
+        calls["n"] = -1000
+        cfg = load_config(quality_config(setup, demo_dir, "resume.toml", "resume", 7, m=m), TEST_SCHEMA)
+        run_test(cfg, generate_features=True)
+        assert calls["n"] + 1000 == expected_calls
+        if m == 8:  # resumed: the scores and features of the uninterrupted one-pass run
+            for name in ("test_serfiq.npy", "test_features.npy"):
+                np.testing.assert_allclose(np.load(setup / "resume" / name), np.load(setup / "quality" / name),
+                                           rtol=1e-6, atol=1e-7)

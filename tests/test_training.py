@@ -90,11 +90,14 @@ def test_training_learns_and_writes_run(tmp_path, demo_dir, labels):
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, demo_dir, labels):
-    over = dict(train_csv="small", save_every_steps=2, val__annotations="", opt__num_epochs=2, opt__milestones=[1])
+    """Also with random flips: each image's flip is a function of (seed, epoch, index)."""
+    over = dict(train_csv="small", save_every_steps=2, val__annotations="", opt__num_epochs=2, opt__milestones=[1],
+                aug__hflip_p=0.5, num_workers=1)
     full = train(make_config(tmp_path / "a", demo_dir, labels, **over))
     killed = train(make_config(tmp_path / "b", demo_dir, labels, **over), max_steps=5)  # dies in epoch 2 after step 5
     state = torch.load(killed / "resume.pt", weights_only=True)
     assert (state["epoch"], state["batches_done"], state["step"]) == (1, 1, 4)  # last save: step 4, mid-epoch
+    assert len(state["ranks"]) == 1 and state["ranks"][0]["loss_count"] == 32  # this rank's sums of its one batch
     assert not (killed / "encoder_0002.pt").exists()
     train(None, resume=killed)  # config from the resume file
     a = torch.load(full / "encoder_0002.pt", weights_only=True)

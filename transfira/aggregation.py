@@ -99,24 +99,10 @@ def aggregate_variants(features: np.ndarray, template_ids: Any, ccs: np.ndarray 
     base = pd.DataFrame({"template_id": ids, "images": images, "images_usable": n_usable})
     plans = {}
     for name in variants:
-        use_filter, use_weight = VARIANTS[name]
+        _, weights, columns = image_weights(codes, k, usable, ccs, ccas, *VARIANTS[name], eps=eps)
         summary = base.copy()
-        keep = usable
-        if use_filter:
-            passed = usable & (np.nan_to_num(ccas) > 0)
-            n_passed = count(passed).astype(np.int64)
-            fallback = (n_passed == 0) & (n_usable > 0)
-            keep = passed | (usable & fallback[codes])
-            summary["images_kept"] = n_passed
-            summary["filter_fallback"] = fallback
-        weights = keep.astype(np.float64)
-        if use_weight:
-            clamped = np.where(keep, np.clip(np.nan_to_num(ccs), 0, None), 0.0)
-            weight_sum = count(clamped)
-            fallback = (weight_sum <= eps) & (count(keep) > 0)
-            weights = np.where(fallback[codes], weights, clamped)
-            summary["weight_sum"] = weight_sum
-            summary["weight_fallback"] = fallback
+        for column, values in columns.items():
+            summary[column] = values
         summary["images_used"] = count(weights > 0).astype(np.int64)
         plans[name] = (weights, summary)
     columns = np.stack([w for w, _ in plans.values()], 1)
@@ -180,3 +166,112 @@ def _rows(features: np.ndarray, start: int, stop: int) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only memmaps are fine: the tensor is only read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(block)
+
+
+# --- per-image weights of a variant, and IJB media pooling (issue #11) ---------------------------------
+
+def image_weights(codes: np.ndarray, k: int, usable: np.ndarray, ccs: np.ndarray | None, ccas: np.ndarray | None,
+                  use_filter: bool, use_weight: bool, eps: float = WEIGHT_EPS) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per-image ``(keep [N] bool, weight [N] float64, summary columns)`` of one variant, as in
+    :func:`aggregate_variants`: the CCAS > 0 filter with the all-images fallback per template, then
+    CCS weights clamped at 0 with the unweighted fallback per template (sum <= ``eps``)."""
+    count = lambda mask: np.bincount(codes, weights=mask, minlength=k)  # noqa: E731
+    n_usable = count(usable)
+    columns: dict[str, np.ndarray] = {}
+    keep = usable
+    if use_filter:
+        passed = usable & (np.nan_to_num(ccas) > 0)
+        n_passed = count(passed).astype(np.int64)
+        fallback = (n_passed == 0) & (n_usable > 0)
+        keep = passed | (usable & fallback[codes])
+        columns.update(images_kept=n_passed, filter_fallback=fallback)
+    weights = keep.astype(np.float64)
+    if use_weight:
+        clamped = np.where(keep, np.clip(np.nan_to_num(ccs), 0, None), 0.0)
+        weight_sum = count(clamped)
+        fallback = (weight_sum <= eps) & (count(keep) > 0)
+        weights = np.where(fallback[codes], weights, clamped)
+        columns.update(weight_sum=weight_sum, weight_fallback=fallback)
+    return keep, weights, columns
+
+
+def aggregate_media_variants(features: np.ndarray, template_ids: Any, media_ids: Any | None,
+                             ccs: np.ndarray | None, ccas: np.ndarray | None, variants: list[str],
+                             normalize: bool = False, eps: float = WEIGHT_EPS,
+                             image_scale: np.ndarray | None = None) -> dict[str, Templates]:
+    """Templates with IJB's media rule: images of one media are pooled first, then the media.
+
+    Composition, per template ``t`` and variant:
+
+    1. The filter and the weights act on images exactly as in :func:`aggregate_variants`:
+       images with predicted CCAS <= 0 are dropped (all kept when none of ``t`` passes), and
+       the kept images get ``w_i = max(CCS_i, 0)`` (all 1 when ``t``'s sum is <= ``eps``;
+       ``w_i = 1`` without weights).
+    2. Media vector: the ``w``-weighted mean of its kept images, ``v_m = sum w_i s_i z_i / sum w_i``,
+       with ``s_i`` = ``image_scale`` (the detector score; 1 when None) scaling the feature
+       (InsightFace's detector-score mode multiplies the feature, not the weight).
+    3. Media weight ``W_m`` = the mean weight of its kept images (1 without weights): a
+       10-frame video counts like one still of the same recognizability. A media whose kept
+       images all weigh 0, or with no kept image, drops out.
+    4. Template vector ``sum W_m v_m / sum W_m``. Together: image ``i`` of media ``m`` enters
+       with coefficient ``w_i s_i / n_m / sum_m' W_m'``, ``n_m`` = kept images of ``m``.
+
+    ``media_ids`` None makes each image its own media: then this equals
+    :func:`aggregate_variants` (with ``image_scale`` None). Media are grouped within a template
+    (the same media id in two templates is two media). Summary columns as there plus ``media``
+    (with a usable image) and ``media_used`` (weight > 0).
+    """
+    n = len(features)
+    if features.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {features.shape}")
+    codes, ids = pd.factorize(np.asarray(template_ids), sort=True)
+    if len(codes) != n or (codes < 0).any():
+        raise ValueError(f"template ids must be {n} non-missing values")
+    k = len(ids)
+    if media_ids is None:
+        groups = np.arange(n)
+    else:
+        media = np.asarray(media_ids)
+        if len(media) != n or pd.isna(media).any():
+            raise ValueError(f"media ids must be {n} non-missing values")
+        media_codes = pd.factorize(media)[0].astype(np.int64)
+        groups = pd.factorize(codes * (int(media_codes.max()) + 1) + media_codes)[0]  # one code per (template, media)
+    g = int(groups.max()) + 1 if n else 0
+    usable, norms = row_norms(features)
+    for scores, what in ((ccs, "ccs"), (ccas, "ccas"), (image_scale, "image_scale")):
+        if scores is not None:
+            if len(scores) != n:
+                raise ValueError(f"{len(scores)} {what} values for {n} feature rows")
+            usable &= np.isfinite(scores)
+    for name in variants:
+        use_filter, use_weight = VARIANTS[name]
+        if (use_filter and ccas is None) or (use_weight and ccs is None):
+            raise ValueError(f"variant {name} needs predicted {'ccas' if use_filter and ccas is None else 'ccs'}")
+    count = lambda mask: np.bincount(codes, weights=mask, minlength=k)  # noqa: E731
+    group_template = np.zeros(g, np.int64)
+    group_template[groups] = codes
+    media_count = lambda mask: np.bincount(group_template, weights=np.bincount(groups, weights=mask, minlength=g) > 0,
+                                           minlength=k).astype(np.int64)  # noqa: E731
+    n_usable = count(usable).astype(np.int64)
+    base = pd.DataFrame({"template_id": ids, "images": np.bincount(codes, minlength=k), "images_usable": n_usable,
+                         "media": media_count(usable)})
+    columns, summaries = [], {}
+    for name in variants:
+        keep, weights, extra = image_weights(codes, k, usable, ccs, ccas, *VARIANTS[name], eps)
+        kept_in_media = np.bincount(groups, weights=keep, minlength=g)
+        coef = np.where(keep, weights / np.maximum(kept_in_media, 1)[groups], 0.0)  # w_i / n_m
+        summary = base.assign(**extra, images_used=count(coef > 0).astype(np.int64), media_used=media_count(coef > 0))
+        summaries[name] = (summary, count(coef))
+        columns.append(coef)
+    columns = np.stack(columns, 1)
+    if image_scale is not None:
+        columns = columns * np.where(usable, np.nan_to_num(np.asarray(image_scale, np.float64)), 0.0)[:, None]
+    if normalize:
+        columns = columns * np.where(usable, 1 / np.maximum(np.nan_to_num(norms), 1e-12), 0.0)[:, None]
+    sums = segment_sums(features, codes, k, columns)
+    written = n_usable > 0
+    out = {}
+    for (name, (summary, denom)), total in zip(summaries.items(), sums):
+        total /= np.where(written, denom, 1.0).astype(np.float32)[:, None]
+        out[name] = (np.asarray(ids)[written], total if written.all() else total[written], summary)
+    return out

@@ -24,7 +24,7 @@ import pandas as pd
 from scipy.special import expit
 
 from .errors import TransfiraError
-from .io import atomic_path, numeric_column, read_annotations, save_csv, save_json
+from .io import numeric_column, read_annotations, save_csv, save_figure, save_json
 
 FORMAT = "transfira.sigmoid_calibrator"
 FOLD_FIELDS = ("coef", "intercept", "a", "b")
@@ -224,9 +224,7 @@ def plot_calibration(frame: pd.DataFrame, outdir: str | Path) -> list[Path]:
     outdir, written = Path(outdir), []
 
     def save(fig, name: str) -> None:
-        with atomic_path(outdir / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        save_figure(fig, outdir / name)
         written.append(outdir / name)
 
     for prefix, name, title in (("", PLOT_FILES[0], "Raw"), ("cal_", PLOT_FILES[1], "Calibrated")):

@@ -45,6 +45,12 @@ def load_image(path: str | Path) -> Image.Image:
         return ImageOps.exif_transpose(img).convert("RGB")
 
 
+def augment_draw(seed: int, epoch: int, index: int) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, epoch, index): numpy's
+    SeedSequence hash of the three, identical on every platform, process and rank."""
+    return float(np.random.default_rng((int(seed), int(epoch), int(index))).random())
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images listed by path (relative to ``data_dir``), with optional float targets.
 
@@ -53,10 +59,16 @@ class ImageDataset(torch.utils.data.Dataset):
     decides whether to stop (naming the file) or skip it. With ``landmarks`` [N, 5, 2]
     each image is first aligned to the ArcFace template at ``align_size`` pixels
     (:mod:`transfira.alignment`), then transformed.
+
+    ``hflip_p`` > 0 flips image ``index`` horizontally (after ``transform``) when
+    ``augment_draw(seed, epoch, index) < hflip_p``: the augmentation of an image is a function
+    of (seed, epoch, index) alone, not of worker processes, ranks or RNG state, so a resumed
+    run sees exactly the flips of an uninterrupted one. Call :meth:`set_epoch` before each
+    epoch's DataLoader is created.
     """
 
     def __init__(self, data_dir: str | Path, paths: Sequence[str], transform, targets: np.ndarray | None = None,
-                 landmarks: np.ndarray | None = None, align_size: int = 112):
+                 landmarks: np.ndarray | None = None, align_size: int = 112, hflip_p: float = 0.0, seed: int = 0):
         self.data_dir = Path(data_dir)
         self.paths = list(map(str, paths))
         self.transform = transform
@@ -65,7 +77,12 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.landmarks is not None and len(self.landmarks) != len(self.paths):
             raise ValueError(f"{len(self.landmarks)} landmark rows for {len(self.paths)} images")
         self.align_size = align_size
+        self.hflip_p, self.seed, self.epoch = float(hflip_p), int(seed), 0
         self._blank: torch.Tensor | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation :meth:`__getitem__` applies."""
+        self.epoch = int(epoch)
 
     def load(self, index: int) -> Image.Image:
         """Image ``index`` as PIL RGB, aligned when landmarks are given."""
@@ -81,6 +98,8 @@ class ImageDataset(torch.utils.data.Dataset):
         path = self.data_dir / self.paths[index]
         try:
             image, ok, error = self.transform(self.load(index)), True, ""
+            if self.hflip_p > 0 and augment_draw(self.seed, self.epoch, index) < self.hflip_p:
+                image = image.flip(-1)
         except Exception as err:  # noqa: BLE001 - any decoding failure is reported per image
             image, ok, error = None, False, f"{path}: {type(err).__name__}: {err}"
         if image is None:
@@ -94,10 +113,11 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def dataset_from_table(frame, table: dict[str, Any], aug: dict[str, Any], source: str, train: bool = False,
-                       targets: np.ndarray | None = None) -> ImageDataset:
+                       targets: np.ndarray | None = None, seed: int = 0) -> ImageDataset:
     """The :class:`ImageDataset` of a config table (``data_dir``, ``path_col_name``, optional
     ``landmark_columns``: 10 columns ``x1, y1, ..., x5, y5`` that turn on five-point alignment
-    to a ``resize_dim`` crop); ``source`` (the CSV) is named in errors."""
+    to a ``resize_dim`` crop); ``source`` (the CSV) is named in errors. With ``train`` the
+    flips (``hflip_p``) are drawn per (``seed``, epoch, index) by the dataset."""
     landmarks = None
     if table.get("landmark_columns"):
         from .alignment import read_landmarks
@@ -105,7 +125,8 @@ def dataset_from_table(frame, table: dict[str, Any], aug: dict[str, Any], source
         landmarks = read_landmarks(frame, table["landmark_columns"], source)
     aug = {**AUG_DEFAULTS, **aug}
     return ImageDataset(table["data_dir"], frame[table["path_col_name"]].astype(str).tolist(),
-                        build_transform(aug, train=train), targets, landmarks, aug["resize_dim"])
+                        build_transform(aug), targets, landmarks, aug["resize_dim"],
+                        hflip_p=aug["hflip_p"] if train else 0.0, seed=seed)
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, shuffle: bool = False,

@@ -2,11 +2,21 @@
 
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them everything runs
 in one process. NCCL is used on GPUs and Gloo on CPU unless ``backend`` says otherwise.
+
+No rank may decide alone: a rank that raises by itself leaves the others waiting in the
+next collective until the job's wall time runs out. Decisions that depend on local data
+(a batch with unreadable images, an exception while loading or forwarding, a non-finite
+loss) therefore go through :func:`agree` (one ``all_reduce`` of a few numbers), and
+:func:`raise_agreed` turns an error on any rank into the same :class:`AgreedError` on every
+rank, naming what went wrong on each. The process group's ``timeout`` is the last guard
+for anything that still escapes (e.g. a rank killed from outside).
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,12 +42,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device, backend: str = "auto", dist_url: str = "env://") -> DistInfo:
+def init_distributed(device: torch.device, backend: str = "auto", dist_url: str = "env://",
+                     timeout_s: float | None = None) -> DistInfo:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); else a single process.
 
     With CUDA each process takes ``cuda:{LOCAL_RANK}``. ``dist_url`` is the init method
     (``env://`` reads ``MASTER_ADDR``/``MASTER_PORT`` set by torchrun; a ``tcp://host:port``
-    from the reference config works too).
+    from the reference config works too). ``timeout_s`` bounds every collective: a rank left
+    waiting that long fails instead of hanging (NCCL aborts with its async error handling).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -52,8 +64,14 @@ def init_distributed(device: torch.device, backend: str = "auto", dist_url: str 
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise TransfiraError("backend 'nccl' needs CUDA devices; use backend = 'gloo' (or 'auto') on CPU")
-    dist.init_process_group(backend=backend, init_method=dist_url or "env://", world_size=world_size, rank=rank)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+    dist.init_process_group(backend=backend, init_method=dist_url or "env://", world_size=world_size, rank=rank,
+                            **({"timeout": timeout} if timeout else {}))
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def cleanup() -> None:
@@ -63,7 +81,7 @@ def cleanup() -> None:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _initialized():
         dist.barrier()
 
 
@@ -99,3 +117,71 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class AgreedError(TransfiraError):
+    """An error that every rank raises together, with the same message (see :func:`raise_agreed`)."""
+
+
+def _device() -> torch.device:
+    """The device collectives use: the current CUDA device under NCCL, else CPU."""
+    if _initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(values: Sequence[float] | float, op: str = "sum") -> list[float]:
+    """The ``sum`` / ``max`` / ``min`` over all ranks of a few numbers (one ``all_reduce``).
+
+    Every rank gets the same result, so every rank takes the same decision from it (e.g.
+    the number of usable images in a step, or whether any rank failed). In a single process
+    the values come back unchanged.
+    """
+    single = not isinstance(values, Sequence)
+    values = [float(values)] if single else [float(v) for v in values]
+    if _initialized():
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        t = torch.tensor(values, dtype=torch.float64, device=_device())
+        dist.all_reduce(t, op=ops[op])
+        values = t.cpu().tolist()
+    return values[:1] if single else values
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` in a single process)."""
+    if not _initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_agreed(error: str | None, what: str = "") -> None:
+    """Collective check: if any rank passes an ``error``, raise :class:`AgreedError` on all ranks.
+
+    Every rank must call this at the same point (it costs one ``all_reduce``; the messages
+    are gathered only when there is an error). The message names each failing rank's error
+    (in a single process: the error itself), prefixed by ``what`` (e.g. ``"epoch 3, step 12"``).
+    """
+    if not _initialized():
+        if error:
+            raise AgreedError(f"{what}: {error}" if what else error)
+        return
+    if agree(1.0 if error else 0.0, "max")[0] == 0:
+        return
+    errors = gather_objects(error)
+    parts = [e if len(errors) == 1 else f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    text = "; ".join(parts)
+    raise AgreedError(f"{what}: {text}" if what else text)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics), in place.
+
+    Training-mode BatchNorm normalizes with batch statistics, so the ranks' running
+    statistics drift apart; validation and checkpoints must use one agreed set.
+    """
+    if not _initialized():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)

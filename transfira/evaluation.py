@@ -34,7 +34,9 @@ class ScoreStats:
     genuine: all genuine scores [G]; genuine_pairs: their (row a, row b) indices [G, 2] (None for
     an explicit pair list); impostor_top: the largest impostor scores, descending [<= k_max];
     n_impostor: number of impostor scores; impostor_hist: counts of impostor scores in
-    ``HIST_BINS`` equal bins over [-1, 1] (scores outside are not counted).
+    ``HIST_BINS`` equal bins over [-1, 1] (scores outside are not counted); impostor_pairs: the
+    (row a, row b) indices of ``impostor_top`` [<= k_max, 2] when asked for (the bootstrap needs
+    their subjects), else None.
     """
 
     genuine: np.ndarray
@@ -42,6 +44,7 @@ class ScoreStats:
     impostor_top: np.ndarray
     n_impostor: int
     impostor_hist: np.ndarray
+    impostor_pairs: np.ndarray | None = None
 
 
 def n_at_fmr(fmr: float, n_impostor: int) -> int:
@@ -78,6 +81,51 @@ def tar_at_fmr(genuine: np.ndarray, impostor_top: np.ndarray, n_impostor: int, f
     gen = np.sort(np.asarray(genuine, dtype=np.float64))
     above = len(gen) - np.searchsorted(gen, np.nan_to_num(thr), side="right")
     return np.where(np.isnan(thr), np.nan, above / len(gen))
+
+
+class NeedMoreImpostors(Exception):
+    """The kept top impostor scores do not reach far enough: rescore keeping more of them."""
+
+
+def nearest_fpr_tar(genuine: np.ndarray, impostor_top: np.ndarray, n_impostor: int, fmrs
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(TAR, threshold) per FMR in InsightFace's IJB convention (not SPEC section 6).
+
+    InsightFace's IJB evaluation takes ``fpr, tpr, _ = sklearn.metrics.roc_curve(label, score)``
+    and reports the TPR of the ROC point whose FPR is nearest the target FAR (on equally near
+    points the one with the highest TPR: it flips the curve and takes the first minimum). This
+    rebuilds that curve exactly: one point per distinct score (TPR / FPR = share of genuine /
+    impostor scores >= it), sklearn's ``drop_intermediate`` rule (keep a point where the second
+    difference of the false- or true-positive counts is non-zero, and both ends) and the point
+    (0, 0) in front (threshold inf). Only the top of the impostor scores is needed: points down
+    to FPR 2 * max(fmrs) decide it. Raises :class:`NeedMoreImpostors` when ``impostor_top`` (the
+    highest impostor scores, any order) does not reach that far.
+    """
+    gen, imp = np.asarray(genuine, dtype=np.float64), np.asarray(impostor_top, dtype=np.float64)
+    scores = np.concatenate([imp, gen])
+    neg = np.concatenate([np.ones(len(imp)), np.zeros(len(gen))])
+    order = np.argsort(-scores, kind="stable")
+    s, neg = scores[order], neg[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last position of each distinct score
+    fps, tps, thr = np.cumsum(neg)[last], np.cumsum(1 - neg)[last], s[last]
+    complete = len(imp) >= n_impostor
+    if not complete:  # counts are exact for thresholds above the lowest kept impostor score
+        j = int(np.searchsorted(-thr, -imp.min(), side="left")) if len(imp) else 0
+        fps, tps, thr = fps[: j + 1], tps[: j + 1], thr[: j + 1]
+        if j < 1 or fps[j - 1] <= 2 * max(fmrs) * n_impostor:
+            raise NeedMoreImpostors(f"the nearest-FPR convention needs more than the {len(imp)} kept impostor scores")
+    keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+    if not complete:
+        keep = keep[keep < len(fps) - 1]  # the last point's keep decision depends on a point not seen
+    fpr = np.r_[0.0, fps[keep] / n_impostor]
+    tpr = np.r_[0.0, tps[keep] / len(gen)]
+    thr = np.r_[np.inf, thr[keep]]
+    tar, out_thr = np.empty(len(fmrs)), np.empty(len(fmrs))
+    for i, f in enumerate(fmrs):
+        d = np.abs(fpr - f)[::-1]
+        idx = len(fpr) - 1 - int(np.argmin(d))
+        tar[i], out_thr[i] = tpr[idx], thr[idx]
+    return tar, out_thr
 
 
 def roc_curve(stats: ScoreStats, n_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +182,7 @@ def all_vs_all_scores(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool | str = False,
+    keep_top: int = 0,
 ) -> ScoreStats:
     """Cosine scores of all pairs i < j of ``features`` (or all gallery x probe pairs), streamed.
 
@@ -141,7 +190,8 @@ def all_vs_all_scores(
     ``chunk_size`` x ``chunk_size`` scores (memory O(chunk_size^2 + G + k_max)); keeps every
     genuine score with its indices (``genuine_pairs[:, 1]`` indexes the probes when given), the
     top floor(max(fmrs) * N_impostor) impostor scores and an impostor histogram. ``progress``:
-    show progress over blocks (a string names it).
+    show progress over blocks (a string names it). ``keep_top`` > 0: keep at least that many top
+    impostor scores, with their pair indices (``impostor_pairs``), e.g. for the bootstrap.
     """
     cross = probe_features is not None
     if cross != (probe_subjects is not None):
@@ -150,39 +200,95 @@ def all_vs_all_scores(
     b = _normalize(probe_features, device, dtype) if cross else a
     la, lb = [c.to(device) for c in _codes(subjects, probe_subjects)] if cross else [_codes(subjects)[0].to(device)] * 2
     _, n_imp = count_pairs(subjects, probe_subjects if cross else None)
-    k_max = k_needed(fmrs, n_imp)
-
     blocks = [(i, j) for i in range(0, len(a), chunk_size) for j in range(0 if cross else i, len(b), chunk_size)]
-    gen, gen_idx, top = [], [], torch.empty(0, device=device, dtype=dtype)
-    thr = torch.tensor(-math.inf, device=device, dtype=dtype)
-    hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
+    acc = _Accumulator(fmrs, n_imp, keep_top, device, dtype)
     for i, j in progress_bar(blocks, desc=progress if isinstance(progress, str) else "scoring", unit="block",
-                     disable=not progress):
+                             disable=not progress):
         s = a[i : i + chunk_size] @ b[j : j + chunk_size].T
         same = la[i : i + chunk_size, None] == lb[None, j : j + chunk_size]
         if not cross and i == j:  # diagonal block: only pairs i < j; NaN drops out of histc and ">"
             lower = torch.ones_like(same).tril_()
             s.masked_fill_(lower, math.nan)
             same &= ~lower
+        acc.add(s, same, lambda mask: mask.nonzero() + torch.tensor([i, j], device=device))
+    return acc.result()
+
+
+class _Accumulator:
+    """Reduces blocks of scores to :class:`ScoreStats`: genuine scores with their pair indices, a
+    bounded running top-k of impostor scores (with indices when ``keep_top``) and a histogram."""
+
+    def __init__(self, fmrs, n_impostor: int, keep_top: int, device, dtype):
+        self.n_imp, self.with_pairs = n_impostor, keep_top > 0
+        self.k_max = min(max(k_needed(fmrs, n_impostor), keep_top), n_impostor)
+        self.gen, self.gen_idx = [], []
+        self.top = torch.empty(0, device=device, dtype=dtype)
+        self.top_idx = torch.empty((0, 2), device=device, dtype=torch.int64)
+        self.thr = torch.tensor(-math.inf, device=device, dtype=dtype)
+        self.hist = torch.zeros(HIST_BINS, dtype=torch.float64, device=device)
+
+    def add(self, s: torch.Tensor, same: torch.Tensor, index) -> None:
+        """``s``: a block of scores (NaN = no pair); ``same``: genuine mask; ``index(mask)``: the
+        (row a, row b) indices of the entries of a mask, in row-major order."""
         g = s[same]  # histc counts in the input dtype: exact per block up to 2^24 (float32) per bin
-        hist += torch.histc(s, HIST_BINS, -1, 1).double() - torch.histc(g, HIST_BINS, -1, 1).double()
-        gen.append(g.cpu())
-        gen_idx.append((same.nonzero() + torch.tensor([i, j], device=device)).cpu())
-        if k_max:
-            cand = s[(s > thr) & ~same]
+        self.hist += torch.histc(s, HIST_BINS, -1, 1).double() - torch.histc(g, HIST_BINS, -1, 1).double()
+        self.gen.append(g.cpu())
+        self.gen_idx.append(index(same).cpu())
+        if self.k_max:
+            mask = (s > self.thr) & ~same
+            cand = s[mask]
             if len(cand):
-                top = torch.cat([top, cand])
-                if len(top) >= k_max:
-                    top = torch.topk(top, k_max, sorted=False).values
-                    thr = top.min()
-    genuine = torch.cat(gen).double().numpy()
-    return ScoreStats(
-        genuine=genuine,
-        genuine_pairs=torch.cat(gen_idx).numpy(),
-        impostor_top=torch.sort(top.cpu(), descending=True).values.double().numpy(),
-        n_impostor=n_imp,
-        impostor_hist=hist.round().long().cpu().numpy(),
-    )
+                self.top = torch.cat([self.top, cand])
+                if self.with_pairs:
+                    self.top_idx = torch.cat([self.top_idx, index(mask)])
+                if len(self.top) >= self.k_max:
+                    self.top, pos = torch.topk(self.top, self.k_max, sorted=False)
+                    if self.with_pairs:
+                        self.top_idx = self.top_idx[pos]
+                    self.thr = self.top.min()
+
+    def result(self) -> ScoreStats:
+        top, order = torch.sort(self.top.cpu(), descending=True, stable=True)
+        return ScoreStats(
+            genuine=torch.cat(self.gen).double().numpy() if self.gen else np.zeros(0),
+            genuine_pairs=torch.cat(self.gen_idx).numpy() if self.gen_idx else np.zeros((0, 2), np.int64),
+            impostor_top=top.double().numpy(),
+            n_impostor=self.n_imp,
+            impostor_hist=self.hist.round().long().cpu().numpy(),
+            impostor_pairs=self.top_idx.cpu()[order].numpy() if self.with_pairs else None,
+        )
+
+
+def pair_list_stats(
+    a: np.ndarray, chunks, n_genuine: int, n_impostor: int, fmrs, *, keep_top: int = 0,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, progress: bool | str = False,
+    total: int | None = None, score_rows: int = 1 << 15,
+) -> ScoreStats:
+    """:class:`ScoreStats` of an explicit pair list (e.g. IJB-C's 1:1 protocol), streamed.
+
+    ``chunks`` yields (idx_a, idx_b, genuine) arrays of pairs of rows of ``a``; each chunk is
+    scored with batched row-wise dot products of ``score_rows`` pairs (memory O(score_rows * D))
+    and reduced at once (memory O(chunk + G + k)).
+    ``genuine_pairs`` / ``impostor_pairs`` hold row indices of ``a``.
+    """
+    x = _normalize(a, device, dtype)
+    acc = _Accumulator(fmrs, n_impostor, keep_top, device, dtype)
+    seen = 0
+    for ia, ib, gen in progress_bar(chunks, desc=progress if isinstance(progress, str) else "pairs",
+                                    unit="chunk", total=total, disable=not progress):
+        ia = torch.as_tensor(np.asarray(ia, dtype=np.int64), device=device)
+        ib = torch.as_tensor(np.asarray(ib, dtype=np.int64), device=device)
+        s = torch.zeros(len(ia), device=device, dtype=dtype)
+        for i in range(0, len(ia), score_rows):
+            s[i : i + score_rows] = torch.einsum("pd,pd->p", x[ia[i : i + score_rows]], x[ib[i : i + score_rows]])
+        rows = torch.stack([ia, ib], 1)
+        acc.add(s, torch.as_tensor(np.asarray(gen, dtype=bool), device=device), lambda mask: rows[mask])
+        seen += len(ia)
+    st = acc.result()
+    if len(st.genuine) != n_genuine or seen - n_genuine != n_impostor:
+        raise ValueError(f"pair chunks held {len(st.genuine)} genuine and {seen - len(st.genuine)} impostor "
+                         f"pairs, expected {n_genuine} and {n_impostor}")
+    return st
 
 
 def pair_scores(

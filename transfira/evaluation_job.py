@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import bootstrap as bs
 from . import evaluation as ev
 from .backbone import resolve_device
 from .config import apply_schema, read_toml
 from .errors import TransfiraError
-from .io import atomic_path, load_id_vectors, numeric_column, save_csv
+from .progress import progress as progress_bar
+from .io import atomic_path, format_rows, load_id_vectors, numeric_column, read_annotations, save_csv, save_figure
+from .pairlist import PairList
 
 SCHEMA: dict[str, Any] = {
     "outdir": "output/evaluation/",
@@ -21,13 +25,18 @@ SCHEMA: dict[str, Any] = {
     "allow_pickle": False,
     "chunk_size": 2048,
     "device": "auto",
+    "bootstrap": 1000,  # subject-bootstrap replicates for the 95 % intervals; 0 = no intervals
+    "seed": 0,
+    "threshold_convention": "spec",  # 'insightface' adds rows in InsightFace's nearest-FPR convention
+    "templates_dir": "",  # every templates_<name>.npz in this folder is a variant <name>
     "pairs": {
-        "path": "",  # CSV template_a,template_b,label (1 genuine, 0 impostor)
+        "path": "",  # template_a,template_b,label CSV or space-separated IJB pair list (1 genuine, 0 impostor)
         "subjects": "",  # CSV id,subject: all-vs-all pairs
         "gallery": "",  # CSV id,subject: gallery x probes pairs (with 'probes')
         "probes": "",
         "id_col_name": "template_id",
         "label_col_name": "subject_id",
+        "chunk_rows": 1 << 18,  # pair-list rows read and scored at a time
     },
     "images": {
         "labels": "",  # generate.py's labels CSV (identity, true ccs, ccas); '' skips the image level
@@ -38,21 +47,36 @@ SCHEMA: dict[str, Any] = {
         "ccs_col_name": "ccs",
         "ccas_col_name": "ccas",
         "quality_columns": [],  # further columns of 'labels' with other FIQA scores
+        "quality_csv": "",  # test.py's test_quality.csv: per-image quality scores, rows matched by path
+        "scores": [],  # columns of quality_csv to evaluate (e.g. ['norm', 'serfiq', 'cr'])
+        "path_col_name": "path",  # image path column of 'labels' and 'quality_csv'
         "max_discard": 0.95,
     },
 }
 PAUC_UPTO = 0.2  # ISO/IEC 29794-1:2024 partial AUC of the EDC
-PAIR_COLUMNS = ["template_a", "template_b", "label"]
+STANDARD_VARIANTS = ["baseline", "weight", "filter", "filter_weight"]
+CONVENTIONS = ("spec", "insightface")
+INSIGHTFACE = "InsightFace nearest-FPR"
 
 
 def load_evaluate_config(path: str | Path) -> dict[str, Any]:
-    """Validate ``path`` against :data:`SCHEMA`; ``[templates]`` maps free variant names to files."""
+    """Validate ``path`` against :data:`SCHEMA`; ``[templates]`` maps free variant names to files,
+    ``templates_dir`` adds every ``templates_<name>.npz`` of a folder not named there."""
     raw = read_toml(path)
     templates = raw.pop("templates", {})
     if not isinstance(templates, dict) or not all(isinstance(v, str) for v in templates.values()):
         raise TransfiraError(f"{path}: [templates] must map variant names to file paths")
     cfg = apply_schema(raw, SCHEMA, source=str(path))
     cfg["templates"] = {k: v for k, v in templates.items() if v}
+    if cfg["templates_dir"]:
+        folder = Path(cfg["templates_dir"])
+        if not folder.is_dir():
+            raise TransfiraError(f"{path}: templates_dir {folder} is not a folder")
+        found = {f.name[len("templates_"):-len(".npz")]: str(f) for f in sorted(folder.glob("templates_*.npz"))}
+        if not found:
+            raise TransfiraError(f"{path}: no templates_*.npz in templates_dir {folder}")
+        for name in sorted(found, key=lambda n: (STANDARD_VARIANTS.index(n) if n in STANDARD_VARIANTS else 99, n)):
+            cfg["templates"].setdefault(name, found[name])
     fmrs = cfg["fmr"]
     if not isinstance(fmrs, list) or not fmrs or not all(isinstance(f, (int, float)) and 0 < f <= 1 for f in fmrs):
         raise TransfiraError(f"{path}: 'fmr' must be a non-empty list of numbers in (0, 1]")
@@ -61,40 +85,38 @@ def load_evaluate_config(path: str | Path) -> dict[str, Any]:
     if not PAUC_UPTO <= cfg["images"]["max_discard"] < 1:
         raise TransfiraError(f"{path}: [images] max_discard must lie in [{PAUC_UPTO}, 1) (the EDC partial area "
                              f"runs to {PAUC_UPTO})")
+    for key in ("bootstrap", "seed"):
+        if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
+            raise TransfiraError(f"{path}: '{key}' must be an integer >= 0")
+    if cfg["threshold_convention"] not in CONVENTIONS:
+        raise TransfiraError(f"{path}: threshold_convention must be one of {', '.join(CONVENTIONS)}, "
+                             f"not {cfg['threshold_convention']!r}")
+    scores = cfg["images"]["scores"]
+    if not isinstance(scores, list) or not all(isinstance(x, str) for x in scores):
+        raise TransfiraError(f"{path}: [images] scores must be a list of column names")
+    if scores and not cfg["images"]["quality_csv"]:
+        raise TransfiraError(f"{path}: [images] scores needs quality_csv (test.py's test_quality.csv)")
+    if not isinstance(cfg["pairs"]["chunk_rows"], int) or cfg["pairs"]["chunk_rows"] < 1:
+        raise TransfiraError(f"{path}: [pairs] chunk_rows must be a positive integer")
     return cfg
-
-
-def read_table(path: str, columns: list[str], what: str) -> pd.DataFrame:
-    """Read a CSV (id-like columns as text) and check it has ``columns``."""
-    if not Path(path).is_file():
-        raise TransfiraError(f"{what} not found: {path}")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise TransfiraError(f"{path}: cannot read CSV: {str(err).strip()}") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise TransfiraError(f"{path}: missing column(s) {', '.join(map(repr, missing))} "
-                             f"(present: {', '.join(map(str, frame.columns))})")
-    if frame.empty:
-        raise TransfiraError(f"{path}: no rows")
-    return frame
 
 
 def numeric(frame: pd.DataFrame, col: str, path: str) -> np.ndarray:
     values, bad_rows = numeric_column(frame, col)
     if len(bad_rows):
         bad = frame[col].iloc[bad_rows[:3]].tolist()
-        raise TransfiraError(f"{path}: column '{col}' has non-numeric or missing values, e.g. {bad}")
+        raise TransfiraError(f"{path}: column '{col}' has non-numeric or missing values, e.g. {bad} "
+                             f"(row(s) {format_rows(bad_rows)})")
     return values
 
 
-def index_of(ids: np.ndarray, wanted: pd.Series, path: str, source: str) -> np.ndarray:
+def index_of(ids: np.ndarray, wanted: pd.Series | np.ndarray, path: str, source: str) -> np.ndarray:
     """Rows of ``wanted`` template ids in a templates file; missing ids are an error listing a few."""
     index = pd.Index(np.asarray(ids).astype(str))
     if not index.is_unique:
         raise TransfiraError(f"{path}: duplicate template ids, e.g. {index[index.duplicated()][:3].tolist()}")
-    rows = index.get_indexer(wanted.astype(str))
+    wanted = pd.Series(np.asarray(wanted).astype(str))
+    rows = index.get_indexer(wanted)
     if (rows < 0).any():
         missing = pd.unique(wanted[rows < 0])
         raise TransfiraError(f"{path}: {len(missing)} template id(s) from {source} not in the file, "
@@ -103,7 +125,7 @@ def index_of(ids: np.ndarray, wanted: pd.Series, path: str, source: str) -> np.n
 
 
 def subjects_table(path: str, pc: dict, what: str) -> pd.DataFrame:
-    frame = read_table(path, [pc["id_col_name"], pc["label_col_name"]], what)
+    frame = read_annotations(path, [pc["id_col_name"], pc["label_col_name"]], what=what, text=True)
     dup = frame[pc["id_col_name"]].duplicated()
     if dup.any():
         raise TransfiraError(f"{path}: duplicate template ids, e.g. {frame[pc['id_col_name']][dup].head(3).tolist()}")
@@ -117,54 +139,134 @@ def check_pairs(n_gen: int, n_imp: int, source: str) -> None:
         raise TransfiraError(f"{source}: {n_gen} genuine and {n_imp} impostor pairs; both are needed")
 
 
-def verification(cfg: dict, device: torch.device) -> tuple[dict[str, ev.ScoreStats], str]:
-    """ScoreStats per template variant, on the pairs the config names; also a description of them."""
-    pc, fmrs, chunk = cfg["pairs"], cfg["fmr"], cfg["chunk_size"]
+def unit_codes(*labels) -> tuple[list[np.ndarray], int]:
+    """Integer subject codes shared across label arrays, and their number."""
+    _, inv = np.unique(np.concatenate([np.asarray(x).astype(str) for x in labels]), return_inverse=True)
+    inv = inv.reshape(-1)
+    splits = np.cumsum([len(x) for x in labels])[:-1]
+    return np.split(inv.astype(np.int64), splits), int(inv.max()) + 1
+
+
+def keep_for(cfg: dict, n_imp: int) -> int:
+    """Top impostor scores to keep: the bootstrap's and the nearest-FPR convention's needs."""
+    fmrs, keep = cfg["fmr"], 0
+    if cfg["bootstrap"]:
+        keep = bs.keep_top(fmrs, n_imp)
+    if cfg["threshold_convention"] == "insightface":
+        keep = max(keep, min(n_imp, 2 * ev.k_needed(fmrs, n_imp) + 2 * bs.TOP_EXTRA))
+    return keep
+
+
+@dataclass
+class VariantResult:
+    """One template variant's verification: scores, point estimates and bootstrap replicates."""
+
+    stats: ev.ScoreStats
+    tar: np.ndarray
+    threshold: np.ndarray
+    replicates: np.ndarray | None = None  # [R, F] TAR per bootstrap replicate
+    insightface: tuple[np.ndarray, np.ndarray] | None = None  # (TAR, threshold) per FMR
+
+
+def evaluate_variant(cfg: dict, score, n_imp: int, design: bs.Design | None, counts, units_a, units_b=None
+                     ) -> VariantResult:
+    """Score one variant (``score(keep_top)`` -> ScoreStats) and derive everything from it, rescoring
+    with 4 x more kept impostor scores when the bootstrap or the nearest-FPR rule needs them."""
+    fmrs, keep = cfg["fmr"], keep_for(cfg, n_imp)
+    while True:
+        st = score(keep)
+        res = VariantResult(st, ev.tar_at_fmr(st.genuine, st.impostor_top, st.n_impostor, fmrs),
+                            ev.fmr_thresholds(st.impostor_top, st.n_impostor, fmrs))
+        try:
+            if cfg["threshold_convention"] == "insightface":
+                res.insightface = ev.nearest_fpr_tar(st.genuine, st.impostor_top, st.n_impostor, fmrs)
+            if design is not None:
+                res.replicates = bs.replicate_tar(bs.sample_of(st, units_a, units_b), design, counts, fmrs)
+            return res
+        except ev.NeedMoreImpostors as err:
+            if keep >= n_imp:
+                raise
+            keep = min(n_imp, 4 * keep)
+            print(f"{err}; rescoring keeping {keep}")
+
+
+def verification(cfg: dict, device: torch.device) -> tuple[dict[str, VariantResult], str]:
+    """Results per template variant, on the pairs the config names; also a description of them."""
+    pc, fmrs, chunk, n_boot = cfg["pairs"], cfg["fmr"], cfg["chunk_size"], cfg["bootstrap"]
     modes = [m for m, given in [("path", pc["path"]), ("subjects", pc["subjects"]),
                                 ("gallery", pc["gallery"] or pc["probes"])] if given]
     if len(modes) != 1:
         raise TransfiraError("[pairs]: give exactly one of 'path' (pair list), 'subjects' (all-vs-all) "
                              "or 'gallery' + 'probes'")
     mode, ic, lc = modes[0], pc["id_col_name"], pc["label_col_name"]
+    variants = list(cfg["templates"].items())
+    out: dict[str, VariantResult] = {}
     if mode == "path":
-        pairs = read_table(pc["path"], PAIR_COLUMNS, "pairs CSV")
-        label = pairs["label"].str.strip()
-        if not label.isin(["0", "1"]).all():
-            raise TransfiraError(f"{pc['path']}: column 'label' must be 1 (genuine) or 0 (impostor), "
-                                 f"found {label[~label.isin(['0', '1'])].head(3).tolist()}")
-        genuine = (label == "1").to_numpy()
-        check_pairs(int(genuine.sum()), int((~genuine).sum()), pc["path"])
-        source = f"pair list {pc['path']}"
-    elif mode == "subjects":
+        ref_path = variants[0][1]
+        ref_ids, _ = load_id_vectors(ref_path, allow_pickle=cfg["allow_pickle"])
+        with PairList(pc["path"], ref_ids, ref_path, cfg["outdir"], pc["chunk_rows"]) as pairs:
+            check_pairs(pairs.n_genuine, pairs.n_impostor, pc["path"])
+            design = counts = None
+            ref_units, n_units = bs.pair_units(len(ref_ids), pairs.genuine_a, pairs.genuine_b)
+            if n_boot:
+                mat = bs.ImpostorMatrix(n_units)
+                for a, b, g in pairs.chunks():
+                    mat.add(ref_units[a[~g]], ref_units[b[~g]])
+                design, counts = mat.design(), bs.draw_counts(n_units, n_boot, cfg["seed"])
+            source = (f"pair list {pc['path']} ({pairs.n_pairs} pairs; bootstrap units: {n_units} groups of "
+                      f"templates joined by genuine pairs)")
+            for variant, path in variants:
+                ids, vectors = load_id_vectors(path, allow_pickle=cfg["allow_pickle"])
+                print(f"{variant}: {len(ids)} templates from {path}")
+                used = np.flatnonzero(pairs.used)
+                perm = np.full(len(ref_ids), -1, np.int64)
+                perm[used] = index_of(ids, ref_ids[used], path, pc["path"])
+                units = np.zeros(len(ids), np.int64)
+                units[perm[used]] = ref_units[used]
+
+                def score(keep, vectors=vectors, perm=perm, variant=variant):
+                    return ev.pair_list_stats(vectors, pairs.chunks(perm), pairs.n_genuine, pairs.n_impostor,
+                                              fmrs, keep_top=keep, device=device, total=pairs.n_chunks,
+                                              progress=f"{variant} pairs")
+                out[variant] = evaluate_variant(cfg, score, pairs.n_impostor, design, counts, units)
+        return out, source
+    if mode == "subjects":
         subj = subjects_table(pc["subjects"], pc, "subjects CSV")
-        check_pairs(*ev.count_pairs(subj[lc].to_numpy()), pc["subjects"])
+        n_gen, n_imp = ev.count_pairs(subj[lc].to_numpy())
+        check_pairs(n_gen, n_imp, pc["subjects"])
+        (units,), n_units = unit_codes(subj[lc].to_numpy())
+        design = bs.all_design(units, n_units)
         source = f"all-vs-all over {pc['subjects']}"
     else:
         if not (pc["gallery"] and pc["probes"]):
             raise TransfiraError("[pairs]: 'gallery' and 'probes' go together")
         gal = subjects_table(pc["gallery"], pc, "gallery CSV")
         prb = subjects_table(pc["probes"], pc, "probes CSV")
-        check_pairs(*ev.count_pairs(gal[lc].to_numpy(), prb[lc].to_numpy()), pc["gallery"])
+        n_gen, n_imp = ev.count_pairs(gal[lc].to_numpy(), prb[lc].to_numpy())
+        check_pairs(n_gen, n_imp, pc["gallery"])
+        (gu, pu), n_units = unit_codes(gal[lc].to_numpy(), prb[lc].to_numpy())
+        design = bs.cross_design(gu, pu, n_units)
         source = f"gallery {pc['gallery']} x probes {pc['probes']}"
-
-    out = {}
-    for variant, path in cfg["templates"].items():
+    counts = bs.draw_counts(n_units, n_boot, cfg["seed"]) if n_boot else None
+    design = design if n_boot else None
+    for variant, path in variants:
         ids, vectors = load_id_vectors(path, allow_pickle=cfg["allow_pickle"])
         print(f"{variant}: {len(ids)} templates from {path}")
-        if mode == "path":
-            ia = index_of(ids, pairs["template_a"], path, pc["path"])
-            ib = index_of(ids, pairs["template_b"], path, pc["path"])
-            scores = ev.pair_scores(vectors, vectors, ia, ib, device=device)
-            out[variant] = ev.stats_from_scores(scores, genuine, fmrs)
-        elif mode == "subjects":
+        if mode == "subjects":
             rows = index_of(ids, subj[ic], path, pc["subjects"])
-            out[variant] = ev.all_vs_all_scores(vectors[rows], subj[lc].to_numpy(), fmrs, chunk,
-                                                device=device, progress=f"{variant} all-vs-all")
+
+            def score(keep, x=vectors[rows], variant=variant):
+                return ev.all_vs_all_scores(x, subj[lc].to_numpy(), fmrs, chunk, device=device, keep_top=keep,
+                                            progress=f"{variant} all-vs-all")
+            out[variant] = evaluate_variant(cfg, score, n_imp, design, counts, units)
         else:
             g, p = index_of(ids, gal[ic], path, pc["gallery"]), index_of(ids, prb[ic], path, pc["probes"])
-            out[variant] = ev.all_vs_all_scores(vectors[g], gal[lc].to_numpy(), fmrs, chunk, device=device,
-                                                probe_features=vectors[p], probe_subjects=prb[lc].to_numpy(),
-                                                progress=f"{variant} gallery x probes")
+
+            def score(keep, x=vectors[g], y=vectors[p], variant=variant):
+                return ev.all_vs_all_scores(x, gal[lc].to_numpy(), fmrs, chunk, device=device, probe_features=y,
+                                            probe_subjects=prb[lc].to_numpy(), keep_top=keep,
+                                            progress=f"{variant} gallery x probes")
+            out[variant] = evaluate_variant(cfg, score, n_imp, design, counts, gu, pu)
     return out, source
 
 
@@ -182,12 +284,34 @@ def load_vector(path: str, n: int, what: str) -> np.ndarray:
     return x.astype(np.float32) if what == "features" else x.reshape(-1).astype(np.float64)
 
 
+def quality_scores(im: dict, labels: pd.DataFrame, path: str) -> dict[str, np.ndarray]:
+    """The ``scores`` columns of ``quality_csv`` (test.py's test_quality.csv), rows matched to the
+    labels CSV by the image path column."""
+    if not im["scores"]:
+        return {}
+    pcol, qpath = im["path_col_name"], im["quality_csv"]
+    if pcol not in labels.columns:
+        raise TransfiraError(f"{path}: missing column '{pcol}' ([images] path_col_name) to match {qpath}")
+    quality = read_annotations(qpath, [pcol] + list(im["scores"]), what="quality CSV", text=True)
+    index = pd.Index(quality[pcol])
+    if not index.is_unique:
+        raise TransfiraError(f"{qpath}: duplicate image paths, e.g. {index[index.duplicated()][:3].tolist()}")
+    rows = index.get_indexer(labels[pcol])
+    if (rows < 0).any():
+        raise TransfiraError(f"{qpath}: {int((rows < 0).sum())} image(s) of {path} missing, e.g. "
+                             f"{', '.join(labels[pcol][rows < 0].head(3))}")
+    quality = quality.iloc[rows].reset_index(drop=True)
+    return {col: numeric(quality, col, qpath) for col in im["scores"]}
+
+
 def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, str]:
-    """SC and ERC/EDC per quality measure (paper Table III); also the curves and a description."""
-    im, fmrs = cfg["images"], cfg["fmr"]
+    """SC and ERC/EDC per quality measure (paper Table III), with bootstrap intervals over the
+    subjects of the images; also the curves and a description."""
+    im, fmrs, n_boot = cfg["images"], cfg["fmr"], cfg["bootstrap"]
     path = im["labels"]
     extra = list(im["quality_columns"])
-    labels = read_table(path, [im["label_col_name"], im["ccs_col_name"], im["ccas_col_name"]] + extra, "labels CSV")
+    labels = read_annotations(path, [im["label_col_name"], im["ccs_col_name"], im["ccas_col_name"]] + extra,
+                              what="labels CSV", text=True)
     n = len(labels)
     if not im["features"]:
         raise TransfiraError("[images]: 'features' (the image features .npy) is required with 'labels'")
@@ -201,15 +325,46 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
             measures[f"predicted {key.upper()}"] = (load_vector(im[key], n, f"predicted {key}"), key)
     for col in extra:
         measures[col] = (numeric(labels, col, path), "ccs")
+    for col, q in quality_scores(im, labels, path).items():
+        measures[col] = (q, "ccs")
     measures["ideal (true CCS)"] = (true["ccs"], None)
 
     subjects = labels[im["label_col_name"]].to_numpy()
-    check_pairs(*ev.count_pairs(subjects), path)
-    stats = ev.all_vs_all_scores(feats, subjects, fmrs, cfg["chunk_size"], device=device,
-                                  progress="image pairs")
+    n_gen, n_imp = ev.count_pairs(subjects)
+    check_pairs(n_gen, n_imp, path)
+    (units,), n_units = unit_codes(subjects)
+    design = bs.all_design(units, n_units)
+    counts = bs.draw_counts(n_units, n_boot, cfg["seed"]) if n_boot else None
+    keep = bs.keep_top(fmrs, n_imp) if n_boot else 0
+    while True:
+        stats = ev.all_vs_all_scores(feats, subjects, fmrs, cfg["chunk_size"], device=device, keep_top=keep,
+                                      progress="image pairs")
+        try:
+            rep_thr = bs.replicate_thresholds(bs.sample_of(stats, units), design, counts, fmrs) if n_boot else None
+            break
+        except ev.NeedMoreImpostors:
+            keep = min(n_imp, 4 * keep)
     thresholds = ev.fmr_thresholds(stats.impostor_top, stats.n_impostor, fmrs)
+    uptos = [im["max_discard"], PAUC_UPTO]
+    boot: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (SC [R], areas [R, F, 2])
+    if n_boot:
+        gen_units = units[stats.genuine_pairs[:, 0]]
+        ercs = {name: bs.ErcBootstrap(q, units, stats.genuine_pairs, gen_units) for name, (q, _) in measures.items()}
+        boot = {name: (np.full(n_boot, np.nan), np.full((n_boot, len(fmrs), 2), np.nan)) for name in measures}
+        for lo, hi in progress_bar(bs.batches(n_boot, n + len(stats.genuine)), desc="image bootstrap",
+                                   unit="batch"):
+            c = counts[lo:hi]
+            for name, (q, target) in measures.items():
+                if target:
+                    boot[name][0][lo:hi] = bs.weighted_spearman(q, true[target], c[:, units])
+                for fi in range(len(fmrs)):
+                    thr = rep_thr[lo:hi, fi]
+                    ok = ~np.isnan(thr)
+                    if ok.any():
+                        fnm = stats.genuine[None, :] <= thr[ok, None]
+                        boot[name][1][lo:hi][ok, fi] = ercs[name].areas(c[ok], fnm, uptos)
     rows, curves, warned = [], {}, False
-    for fmr, thr in zip(fmrs, thresholds):
+    for fi, (fmr, thr) in enumerate(zip(fmrs, thresholds)):
         fnm = stats.genuine <= thr
         for name, (q, target) in measures.items():
             sc = ev.spearman(q, true[target]) if target else np.nan
@@ -225,9 +380,18 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
                           "(lower [images] max_discard)", file=sys.stderr)
                 row.update(fnmr=fnmr[0], erc_auc=ev.erc_area(frac, fnmr, n, im["max_discard"]),
                            edc_pauc20=ev.erc_area(frac, fnmr, n, PAUC_UPTO))
+            for col in ("sc", "erc_auc", "edc_pauc20"):
+                row[f"{col}_lo"] = row[f"{col}_hi"] = np.nan
+            if n_boot:
+                sc_r, areas = boot[name]
+                if target:
+                    row["sc_lo"], row["sc_hi"] = bs.interval(sc_r)
+                for k, col in enumerate(("erc_auc", "edc_pauc20")):
+                    if not np.isnan(row[col]):
+                        row[f"{col}_lo"], row[f"{col}_hi"] = bs.interval(areas[:, fi, k])
             rows.append(row)
-    source = (f"{n} images from {path}: {len(stats.genuine)} genuine, {stats.n_impostor} impostor pairs "
-              f"(all-vs-all)")
+    source = (f"{n} images of {n_units} subjects from {path}: {len(stats.genuine)} genuine, {stats.n_impostor} "
+              f"impostor pairs (all-vs-all)")
     return pd.DataFrame(rows), curves, source
 
 
@@ -242,14 +406,6 @@ def fmt(x: float, digits: int = 4) -> str:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def save_figure(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_roc(stats: dict[str, ev.ScoreStats], fmrs: list[float], path: Path) -> None:
@@ -281,32 +437,86 @@ def plot_erc(curves: dict[str, tuple[np.ndarray, np.ndarray]], fmr: float, path:
     save_figure(fig, path)
 
 
+def fmt_ci(x: float, lo: float, hi: float, sign: bool = False) -> str:
+    """``0.9839 [0.97, 0.99]`` (the interval with 2 decimals; the CSV keeps every digit)."""
+    if x is None or np.isnan(x):
+        return "n/a"
+    value = f"{x:+.4f}" if sign else f"{x:.4f}"
+    if np.isnan(lo) or np.isnan(hi):
+        return value
+    return f"{value} [{lo:.2f}, {hi:.2f}]"
+
+
+def verification_table(results: dict[str, VariantResult], fmrs: list[float], n_boot: int) -> pd.DataFrame:
+    """results.csv: one row per (variant, FMR) with TAR, threshold, interval and the paired difference
+    to ``baseline``; then the nearest-FPR rows (convention 'insightface') when asked for."""
+    base = results.get("baseline")
+    rows = []
+    for v, res in results.items():
+        lo = hi = d_lo = d_hi = np.full(len(fmrs), np.nan)
+        delta = res.tar - base.tar if base is not None else np.full(len(fmrs), np.nan)
+        if res.replicates is not None:
+            lo, hi = bs.interval(res.replicates)
+            if base is not None:
+                d_lo, d_hi = bs.interval(res.replicates - base.replicates)
+        for i, f in enumerate(fmrs):
+            rows.append(dict(variant=v, fmr=f, tar=res.tar[i], threshold=res.threshold[i], tar_lo=lo[i],
+                             tar_hi=hi[i], delta=delta[i], delta_lo=d_lo[i], delta_hi=d_hi[i], convention="spec"))
+    for v, res in results.items():
+        if res.insightface is not None:
+            for f, t, h in zip(fmrs, *res.insightface):
+                rows.append(dict(variant=f"{v} ({INSIGHTFACE})", fmr=f, tar=t, threshold=h, tar_lo=np.nan,
+                                 tar_hi=np.nan, delta=np.nan, delta_lo=np.nan, delta_hi=np.nan,
+                                 convention="insightface"))
+    return pd.DataFrame(rows)
+
+
+def verification_markdown(table: pd.DataFrame, fmrs: list[float], source: str, first: ev.ScoreStats,
+                          n_boot: int, seed: int) -> list[str]:
+    names = list(dict.fromkeys(table.variant))
+    cells = {v: [fmt_ci(r.tar, r.tar_lo, r.tar_hi) for r in table[table.variant == v].itertuples()] for v in names}
+    header = ["Variant"] + [f"FMR={fmt_fmr(f)}" for f in fmrs]
+    md = ["## Template verification: TAR at FMR (paper Table II)", "",
+          f"Pairs: {source}; {len(first.genuine)} genuine, {first.n_impostor} impostor.", "",
+          markdown_table(header, [[v] + cells[v] for v in names]), "",
+          "n/a: fewer than 1/FMR impostor pairs, this FMR cannot be measured. "
+          "TAR = share of genuine scores strictly above the k-th highest impostor score, "
+          "k = floor(FMR * N_impostor) (SPEC section 6). Rows other than baseline, weight, filter and "
+          "filter_weight are templates weighted by that quality score (test.py [quality])."]
+    if (table.convention == "insightface").any():
+        md[-1] += (f" Rows marked ({INSIGHTFACE}): TAR at the ROC point (sklearn roc_curve) whose FPR is "
+                   "nearest the target, as InsightFace's IJB evaluation reports it; comparable with published "
+                   "IJB numbers, not with the rows above.")
+    if n_boot:
+        md[-1] += (f" [lo, hi]: 95 % percentile interval of a bootstrap over subjects ({n_boot} replicates, "
+                   f"seed {seed}; thresholds recomputed in every replicate).")
+        spec = table[(table.convention == "spec") & (table.variant != "baseline")]
+        if "baseline" in names and len(spec) and spec.delta_lo.notna().any():
+            diff = [[v] + [fmt_ci(r.delta, r.delta_lo, r.delta_hi, sign=True)
+                           for r in spec[spec.variant == v].itertuples()] for v in dict.fromkeys(spec.variant)]
+            md += ["", "### Difference to baseline (paired bootstrap, same replicates)", "",
+                   markdown_table(["Variant"] + [f"FMR={fmt_fmr(f)}" for f in fmrs], diff), "",
+                   "TAR(variant) - TAR(baseline); an interval that excludes 0 is a difference beyond "
+                   "subject-sampling noise."]
+    return md + [""]
+
+
 def run(cfg: dict[str, Any]) -> None:
     """Evaluate what the config names; write results.{md,csv}, image_results.csv and the plots."""
     import matplotlib
 
     matplotlib.use("Agg")
-    out, fmrs = Path(cfg["outdir"]), cfg["fmr"]
+    out, fmrs, n_boot = Path(cfg["outdir"]), cfg["fmr"], cfg["bootstrap"]
     device = resolve_device(str(cfg["device"]))
     md = ["# TransFIRA evaluation", ""]
     written = []
     if cfg["templates"]:
-        stats, source = verification(cfg, device)
-        rows = [dict(variant=v, fmr=f, tar=t, threshold=h) for v, st in stats.items()
-                for f, t, h in zip(fmrs, ev.tar_at_fmr(st.genuine, st.impostor_top, st.n_impostor, fmrs),
-                                   ev.fmr_thresholds(st.impostor_top, st.n_impostor, fmrs))]
-        table = pd.DataFrame(rows)
+        results, source = verification(cfg, device)
+        table = verification_table(results, fmrs, n_boot)
         save_csv(table, out / "results.csv")
-        plot_roc(stats, fmrs, out / "roc.png")
+        plot_roc({v: r.stats for v, r in results.items()}, fmrs, out / "roc.png")
         written += ["results.csv", "roc.png"]
-        first = next(iter(stats.values()))
-        md += ["## Template verification: TAR at FMR (paper Table II)", "",
-               f"Pairs: {source}; {len(first.genuine)} genuine, {first.n_impostor} impostor.", "",
-               markdown_table(["Variant"] + [f"FMR={fmt_fmr(f)}" for f in fmrs],
-                              [[v] + [fmt(t) for t in table.tar[table.variant == v]] for v in stats]),
-               "", "n/a: fewer than 1/FMR impostor pairs, this FMR cannot be measured. "
-               "TAR = share of genuine scores strictly above the k-th highest impostor score, "
-               "k = floor(FMR * N_impostor).", ""]
+        md += verification_markdown(table, fmrs, source, next(iter(results.values())).stats, n_boot, cfg["seed"])
     if cfg["images"]["labels"]:
         table, curves, source = image_level(cfg, device)
         save_csv(table, out / "image_results.csv")
@@ -319,15 +529,19 @@ def run(cfg: dict[str, Any]) -> None:
         body = []
         for m in names:
             sub = table[table.measure == m]
-            tgt = sub.target.iloc[0]
-            body.append([m, fmt(sub.sc.iloc[0]) + (f" ({tgt.upper()})" if tgt else "")]
-                        + [fmt(x) for a, p in zip(sub.erc_auc, sub.edc_pauc20) for x in (a, p)])
+            r0 = sub.iloc[0]
+            body.append([m, fmt_ci(r0.sc, r0.sc_lo, r0.sc_hi) + (f" ({r0.target.upper()})" if r0.target else "")]
+                        + [fmt_ci(getattr(r, c), getattr(r, f"{c}_lo"), getattr(r, f"{c}_hi"))
+                           for r in sub.itertuples() for c in ("erc_auc", "edc_pauc20")])
         md += ["## Image-level recognizability (paper Table III)", "", f"{source}.", "",
                markdown_table(header, body), "",
                "SC: Spearman correlation with the true value in brackets. AUC: area under FNMR versus "
                f"fraction of images discarded over [0, {cfg['images']['max_discard']}]; pAUC20: over "
                "[0, 0.2] (ISO/IEC 29794-1:2024 EDC); both unnormalized, threshold fixed at the FMR on all "
-               "image pairs; n/a where the FMR cannot be measured.", ""]
+               "image pairs; n/a where the FMR cannot be measured."
+               + (f" [lo, hi]: 95 % percentile interval of a bootstrap over the images' subjects ({n_boot} "
+                  f"replicates, seed {cfg['seed']}; thresholds recomputed in every replicate)." if n_boot else ""),
+               ""]
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(md))
     print(f"wrote {', '.join(['results.md'] + written)} to {out}")

@@ -1,7 +1,8 @@
 """Network outputs for every image, streamed into memory-mapped ``.npy`` files.
 
 One pass over a dataset feeds each decoded image to a model with one or several outputs
-(generate.py: encoder features; test.py: encoder features and predicted CCS / CCAS).
+(generate.py: encoder features; test.py: encoder features, predicted CCS / CCAS and
+SER-FIQ scores).
 N x D never has to fit in RAM, and an interrupted run resumes from the last flushed
 batch: rows go to ``<out>.partial.npy`` files with a progress record
 ``<first out>.partial.json``, renamed onto the final names when complete.
@@ -44,8 +45,8 @@ def _resume_point(meta_path: Path, info: dict, partials: list[Path]) -> tuple[in
 @torch.inference_mode()
 def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[str, tuple[Path, int]],
                     batch_size: int = 64, num_workers: int = 2, device: torch.device | str = "cpu",
-                    on_bad_image: str = "error", desc: str = "images", fingerprint: Any = None
-                    ) -> tuple[dict[str, np.ndarray], list[dict]]:
+                    on_bad_image: str = "error", desc: str = "images", fingerprint: Any = None,
+                    with_index: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Run ``model`` over ``dataset`` and write each of its outputs to its own ``.npy``.
 
     ``outputs`` maps a name to ``(path, width)``, in the order of the model's outputs (a
@@ -53,7 +54,9 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
     Returns the read-only memmaps by name and the skipped images (``row`` 1-based,
     ``path``, ``error``); their rows are NaN. Non-finite outputs are errors. A run resumes
     only when the images, outputs and ``fingerprint`` (model files, preprocessing; any JSON
-    value) are those of the interrupted one.
+    value) are those of the interrupted one. With ``with_index`` the model is called as
+    ``model(images, index)`` (dataset rows of the batch, on ``device``), for outputs that
+    depend on which image it is (e.g. SER-FIQ's per-image dropout masks).
     """
     names = list(outputs)
     paths = [Path(outputs[k][0]) for k in names]
@@ -83,7 +86,8 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
                                          "(set on_bad_image = \"skip\" to go on without it)")
                 log(f"skipping row {row}: {batch['error'][i]}")
                 skipped.append({"row": row, "path": dataset.paths[row - 1], "error": batch["error"][i]})
-            results = model(batch["image"].to(device, non_blocking=True))
+            images = batch["image"].to(device, non_blocking=True)
+            results = model(images, batch["index"].to(device)) if with_index else model(images)
             for name, array, result in zip(names, arrays, results if isinstance(results, tuple) else (results,)):
                 values = result.float().reshape(len(index), -1).cpu().numpy()
                 if values.shape[1] != max(outputs[name][1], 1):

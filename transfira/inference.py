@@ -1,8 +1,10 @@
 """test.py's job: features from the deployed encoder, CCS/CCAS from the predictor, templates.
 
-One DataLoader pass decodes each test image once and feeds it to both networks; any
-step can also run alone, reading the other steps' outputs from files aligned with the
-annotation rows. Aggregation itself is :mod:`transfira.aggregation` (paper eq. 10).
+One DataLoader pass decodes each test image once and feeds it to both networks (and to
+SER-FIQ's stochastic passes when ``[quality]`` enables it); any step can also run alone,
+reading the other steps' outputs from files aligned with the annotation rows.
+Aggregation itself is :mod:`transfira.aggregation` (paper eq. 10), quality scores and
+score-weighted templates :mod:`transfira.quality`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from .errors import TransfiraError
 from .features import extract_outputs, write_skipped
 from .io import file_fingerprint, pickle_refused, save_csv, save_id_vectors
 from .model import RecognizabilityPredictionNetwork
+from .quality import (QUALITY_SCHEMA, SerFiq, certainty_ratio, embedding_norm, external_scores, image_keys,
+                      score_names, score_templates)
 
 TEST_SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
@@ -39,14 +43,17 @@ TEST_SCHEMA: dict[str, Any] = {
     "num_workers": 2,
     "normalize_features": False,  # L2-normalize each feature before aggregating
     "on_bad_image": "error",  # "error" | "skip" (NaN rows, listed in test_skipped.csv, left out of templates)
+    "flip_test": False,  # encoder feature = f(image) + f(mirrored image) (InsightFace's flip test)
     "allow_pickle": False,  # read legacy pickled features / scores (trusted files only)
     "aug": dict(AUG_DEFAULTS),
     "data": {"data_dir": "", "annotations": REQUIRED, "path_col_name": "path", "id_col_name": "template_id",
              "batch_size": 0,  # 0: the top-level batch_size
              "landmark_columns": []},  # 10 columns x1, y1, ..., x5, y5: align to the ArcFace template first
+    "quality": QUALITY_SCHEMA,  # FIQA scores beside CCS / CCAS (transfira.quality)
 }
 FINGERPRINT_KEYS = ("model_path", "predictor_model_path", "checkpoint_path")  # a resumed pass needs the same files
 FEATURES, CCS, CCAS, SKIPPED = "test_features.npy", "test_ccs.npy", "test_ccas.npy", "test_skipped.csv"
+SERFIQ, QUALITY = "test_serfiq.npy", "test_quality.csv"
 
 
 def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_scores: bool = False,
@@ -58,22 +65,29 @@ def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_score
     if cfg["on_bad_image"] not in ("error", "skip"):
         raise TransfiraError(f"on_bad_image must be 'error' or 'skip', got '{cfg['on_bad_image']}'")
     variants = list(variants or ["baseline"])
+    quality = score_names(cfg["quality"])
     data = cfg["data"]
-    columns = [data["path_col_name"], data["id_col_name"]] if aggregate else [data["path_col_name"]]
+    columns = [data["path_col_name"], data["id_col_name"]] if aggregate or quality else [data["path_col_name"]]
     frame = read_annotations(data["annotations"], columns)
+    taken = [n for n in quality if n in columns]
+    if taken:
+        raise TransfiraError(f"score '{taken[0]}' has the name of a [data] column: rename it")
     outdir = Path(cfg["outdir"])
     outdir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    features = ccs = ccas = None
+    features = ccs = ccas = serfiq = None
     if generate_features or predict_scores:
-        features, ccs, ccas = embed_and_score(cfg, frame, generate_features, predict_scores)
+        features, ccs, ccas, serfiq = embed_and_score(cfg, frame, generate_features, predict_scores,
+                                                      "serfiq" in quality)
         if generate_features:
             written[FEATURES] = outdir / FEATURES
         if predict_scores:
             written.update({CCS: outdir / CCS, CCAS: outdir / CCAS})
+        if serfiq is not None:
+            written[SERFIQ] = outdir / SERFIQ
+    load = lambda given, default, what, ndim: load_rows(
+        given or outdir / default, frame, data, what, ndim, cfg["allow_pickle"])
     if aggregate:
-        load = lambda given, default, what, ndim: load_rows(
-            given or outdir / default, frame, data, what, ndim, cfg["allow_pickle"])
         if features is None:
             features = load(features_path, FEATURES, "features", 2)
         if ccs is None and _needs(variants, 1):
@@ -82,9 +96,33 @@ def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_score
             ccas = load(ccas_path, CCAS, "CCAS", 1)
         written.update(write_templates(features, frame[data["id_col_name"]].to_numpy(), ccs, ccas, variants,
                                        cfg["normalize_features"], outdir))
-        if generate_features and not cfg["save_features"]:
-            del features
-            written.pop(FEATURES).unlink()
+    if quality:
+        def found(current, given, default, what, ndim, wanted, needed):
+            """An input of the quality scores: computed now, else its file (an error if ``needed`` and absent)."""
+            if current is not None or not wanted:
+                return current
+            path = Path(given or outdir / default)
+            return load(path, default, what, ndim) if path.is_file() or needed else None
+
+        features = found(features, features_path, FEATURES, "features", 2, "norm" in quality, aggregate)
+        ccs = found(ccs, ccs_path, CCS, "CCS", 1, True, aggregate and "cr" in quality)
+        ccas = found(ccas, ccas_path, CCAS, "CCAS", 1, True, aggregate and "cr" in quality)
+        serfiq = found(serfiq, None, SERFIQ, "SER-FIQ scores", 1, "serfiq" in quality, aggregate)
+        scores = quality_scores(cfg, frame, quality, features, ccs, ccas, serfiq, required=aggregate)
+        if scores is not None and (ccs is None or ccas is None):
+            print(f"note: {QUALITY} not written: it needs the predicted CCS / CCAS (--predict_scores)")
+        elif scores is not None:
+            table = frame[columns].assign(ccs=ccs, ccas=ccas, **scores)
+            save_csv(table, outdir / QUALITY)
+            written[QUALITY] = outdir / QUALITY
+            print(f"quality scores ({', '.join(quality)}) of {len(table)} images -> {outdir / QUALITY}")
+        if aggregate:
+            written.update(save_templates(
+                score_templates(features, frame[data["id_col_name"]].to_numpy(), scores, cfg["quality"]["rescale"],
+                                cfg["normalize_features"]), outdir, {name: f"'{name}'" for name in scores}))
+    if aggregate and generate_features and not cfg["save_features"]:
+        del features
+        written.pop(FEATURES).unlink()
     return written
 
 
@@ -93,6 +131,14 @@ def write_templates(features: np.ndarray, template_ids: np.ndarray, ccs: np.ndar
     """Aggregate, write ``templates_<variant>.npz`` and ``templates_<variant>_summary.csv``, report fallbacks."""
     results = aggregate_variants(features, template_ids, ccs if _needs(variants, 1) else None,
                                  ccas if _needs(variants, 0) else None, variants, normalize)
+    return save_templates(results, outdir, {name: "predicted-CCS" for name in results})
+
+
+def save_templates(results: dict[str, Any], outdir: Path, weight_names: dict[str, str]) -> dict[str, Path]:
+    """Write ``templates_<name>.npz`` and ``templates_<name>_summary.csv`` for each result, report fallbacks.
+
+    ``weight_names`` says what weighted each result (named in the weight-guard warning).
+    """
     written = {}
     for name, (ids, vectors, summary) in results.items():
         path, summary_path = outdir / f"templates_{name}.npz", outdir / f"templates_{name}_summary.csv"
@@ -105,8 +151,8 @@ def write_templates(features: np.ndarray, template_ids: np.ndarray, ccs: np.ndar
             notes.append(f"{summary['filter_fallback'].sum()} of {total} templates have no image with predicted "
                          "CCAS > 0, all their images were kept")
         if "weight_fallback" in summary and summary["weight_fallback"].any():
-            notes.append(f"{summary['weight_fallback'].sum()} of {total} templates have a predicted-CCS weight sum "
-                         f"<= {WEIGHT_EPS:g}, their unweighted mean was used")
+            notes.append(f"{summary['weight_fallback'].sum()} of {total} templates have a {weight_names[name]} "
+                         f"weight sum <= {WEIGHT_EPS:g}, their unweighted mean was used")
         empty = int((summary["images_usable"] == 0).sum())
         if empty:
             notes.append(f"{empty} of {total} templates have no usable image and were left out")
@@ -114,6 +160,38 @@ def write_templates(features: np.ndarray, template_ids: np.ndarray, ccs: np.ndar
             print(f"warning: {name}: {note} (see {summary_path})", file=sys.stderr)
         print(f"{name}: {len(ids)} templates -> {path}")
     return written
+
+
+def quality_scores(cfg: dict[str, Any], frame: pd.DataFrame, names: list[str], features: np.ndarray | None,
+                   ccs: np.ndarray | None, ccas: np.ndarray | None, serfiq: np.ndarray | None,
+                   required: bool = False) -> dict[str, np.ndarray] | None:
+    """``{score: [N] values}`` of the enabled ``names``; None (after a note) when an input is missing.
+
+    With ``required`` a missing input is an error instead.
+    """
+    needs = {"norm": ("features", features, "--generate_features or --features_path"),
+             "cr": ("predicted CCS / CCAS", ccs if ccas is not None else None, "--predict_scores"),
+             "serfiq": ("SER-FIQ scores", serfiq, "--generate_features or --predict_scores")}
+    missing = [(name, *needs[name]) for name in names if name in needs and needs[name][1] is None]
+    if missing:
+        name, what, _, how = missing[0]
+        message = f"score '{name}' needs the {what} ({how} with [quality] enabling it)"
+        if required:
+            raise TransfiraError(message)
+        print(f"note: {QUALITY} not written: {message}")
+        return None
+    data, out = cfg["data"], {}
+    paths = frame[data["path_col_name"]].astype(str).tolist()
+    for name in names:
+        if name == "norm":
+            out[name] = embedding_norm(features)
+        elif name == "cr":
+            out[name] = certainty_ratio(ccs, ccas)
+        elif name == "serfiq":
+            out[name] = np.asarray(serfiq, np.float64)
+        else:
+            out[name] = external_scores(name, cfg["quality"]["external"][name], paths, data["path_col_name"])
+    return out
 
 
 def _needs(variants: list[str], which: int) -> bool:
@@ -183,10 +261,22 @@ def _unpickled_rows(obj: np.ndarray, paths: pd.Series, source: Path) -> np.ndarr
 def load_encoder(cfg: dict[str, Any], device: torch.device) -> nn.Module:
     """The deployed encoder (``model_path``), in eval mode on ``device``."""
     if not cfg["model_path"]:
-        raise TransfiraError("model_path (the deployed encoder) is needed for --generate_features")
+        raise TransfiraError("model_path (the deployed encoder) is needed for --generate_features and SER-FIQ")
     encoder = load_backbone(cfg["backbone_type"], cfg["model_path"]).to(device).eval()
     check_embedding_size(encoder, cfg["embedding_size"], cfg["aug"]["crop_dim"], cfg["model_path"])
-    return encoder
+    return FlipTest(encoder) if cfg.get("flip_test") else encoder
+
+
+class FlipTest(nn.Module):
+    """``f(x) + f(mirror of x)``: the flip test (InsightFace's IJB mode F2). The mirror of the
+    normalized tensor is the normalized mirror image (the normalization is per channel)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images) + self.encoder(torch.flip(images, dims=[-1]))
 
 
 def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
@@ -208,24 +298,44 @@ def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
 
 
 class EncoderAndPredictor(nn.Module):
-    """Both test-time networks on the same batch: ``(features, ccs, ccas)``, each part optional."""
+    """Both test-time networks on the same batch: ``(features, ccs, ccas, serfiq)``, each part optional.
 
-    def __init__(self, encoder: nn.Module | None, predictor: nn.Module | None):
+    With ``serfiq`` (the deployed encoder split at its last fully connected layer) the
+    layers before the split run once: the features and the m stochastic passes share them.
+    ``keys`` [N] are the images' dropout keys (:func:`transfira.quality.image_keys`), looked
+    up by the dataset rows ``index`` of the batch.
+    """
+
+    def __init__(self, encoder: nn.Module | None, predictor: nn.Module | None, serfiq: SerFiq | None = None,
+                 keys: torch.Tensor | None = None, embed: bool = True):
         super().__init__()
-        self.encoder, self.predictor = encoder, predictor
+        self.encoder = encoder if serfiq is None and embed else None
+        # flip test with SER-FIQ: the split encoder gives f(x), the plain one f(mirror of x)
+        self.mirror = encoder.encoder if serfiq is not None and isinstance(encoder, FlipTest) else None
+        self.predictor, self.serfiq, self.embed = predictor, serfiq, embed
+        self.register_buffer("keys", keys, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = (self.encoder(images),) if self.encoder is not None else ()
-        return features + (tuple(self.predictor(images)) if self.predictor is not None else ())
+    def forward(self, images: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        out: tuple[torch.Tensor, ...] = ()
+        if self.serfiq is not None:
+            x = self.serfiq.prefix(images)
+            if self.embed:
+                features = self.serfiq.suffix(x)
+                out += (features + self.mirror(torch.flip(images, dims=[-1])) if self.mirror is not None else features,)
+        elif self.encoder is not None:
+            out += (self.encoder(images),)
+        out += tuple(self.predictor(images)) if self.predictor is not None else ()
+        return out + ((self.serfiq.scores(x, self.keys[index]),) if self.serfiq is not None else ())
 
 
-def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool
-                    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """One pass over the test images: encoder features [N, D] and/or predicted CCS, CCAS [N].
+def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool, serfiq: bool = False
+                    ) -> tuple[np.ndarray | None, ...]:
+    """One pass over the test images: encoder features [N, D], predicted CCS, CCAS [N], SER-FIQ [N].
 
-    Writes ``test_features.npy``, ``test_ccs.npy``, ``test_ccas.npy`` (streamed through
-    memmaps; an interrupted run resumes) and, for skipped images, ``test_skipped.csv``.
-    Rows of skipped images are NaN. Returns ``(features, ccs, ccas)`` (None where not computed).
+    Writes ``test_features.npy``, ``test_ccs.npy``, ``test_ccas.npy``, ``test_serfiq.npy``
+    (streamed through memmaps; an interrupted run resumes) and, for skipped images,
+    ``test_skipped.csv``. SER-FIQ runs the deployed encoder even without ``features``.
+    Rows of skipped images are NaN. Returns ``(features, ccs, ccas, serfiq)`` (None where not computed).
     """
     device = resolve_device(cfg["device"])
     data, outdir = cfg["data"], Path(cfg["outdir"])
@@ -234,12 +344,22 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
         outputs["embedding"] = (outdir / FEATURES, cfg["embedding_size"])
     if scores:
         outputs.update({"predicted CCS": (outdir / CCS, 0), "predicted CCAS": (outdir / CCAS, 0)})
-    model = EncoderAndPredictor(load_encoder(cfg, device) if features else None,
-                                load_predictor(cfg, device) if scores else None)
+    fingerprint = [file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS] + [cfg["aug"], data["landmark_columns"]]
+    fingerprint += [{"flip_test": True}] if cfg.get("flip_test") else []
+    encoder = load_encoder(cfg, device) if features or serfiq else None
+    head = keys = None
+    if serfiq:
+        s = cfg["quality"]["serfiq"]
+        plain = encoder.encoder if isinstance(encoder, FlipTest) else encoder  # SER-FIQ: one view
+        head = SerFiq(plain, cfg["aug"]["crop_dim"], s["m"], s["p"], s["layer"], s["batch"], cfg["model_path"])
+        keys = image_keys(frame[data["path_col_name"]].astype(str).tolist(), s["seed"])
+        outputs["SER-FIQ"] = (outdir / SERFIQ, 0)
+        fingerprint.append({"serfiq": {k: s[k] for k in ("m", "p", "seed")}, "layer": head.layer})
+    model = EncoderAndPredictor(encoder, load_predictor(cfg, device) if scores else None, head, keys,
+                                embed=features).to(device)
     dataset = dataset_from_table(frame, data, cfg["aug"], data["annotations"])
     arrays, skipped = extract_outputs(model, dataset, outputs, data["batch_size"] or cfg["batch_size"],
                                       cfg["num_workers"], device, cfg["on_bad_image"], desc="test images",
-                                      fingerprint=[file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS]
-                                      + [cfg["aug"], data["landmark_columns"]])
+                                      fingerprint=fingerprint, with_index=serfiq)
     write_skipped(frame, skipped, outdir / SKIPPED)
-    return arrays.get("embedding"), arrays.get("predicted CCS"), arrays.get("predicted CCAS")
+    return tuple(arrays.get(k) for k in ("embedding", "predicted CCS", "predicted CCAS", "SER-FIQ"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -56,6 +57,15 @@ def save_csv(frame, path: str | Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
 def save_id_vectors(path: str | Path, ids, vectors: np.ndarray) -> None:
     """Store an id -> vector mapping as ``.npz`` with arrays ``ids`` [K] and ``vectors`` [K, D].
 
@@ -93,13 +103,21 @@ def load_id_vectors(path: str | Path, allow_pickle: bool = False) -> tuple[np.nd
         if "pickle" not in str(err):
             raise TransfiraError(f"{path}: cannot read: {err}") from None
         data = None
+    except (zipfile.BadZipFile, OSError, EOFError) as err:  # truncated or corrupt archive
+        raise TransfiraError(f"{path}: cannot read (truncated or corrupt file?): {err}") from None
     if data is not None:
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise TransfiraError(f"{path}: expected an .npz with arrays 'ids' and 'vectors'")
         with data:
             if not {"ids", "vectors"} <= set(data.files):
                 raise TransfiraError(f"{path}: expected arrays 'ids' and 'vectors', found {data.files}")
-            return data["ids"], data["vectors"].astype(np.float32, copy=False)
+            try:
+                ids, vectors = data["ids"], data["vectors"].astype(np.float32, copy=False)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+                raise TransfiraError(f"{path}: cannot read (truncated or corrupt file?): {err}") from None
+            if vectors.ndim != 2 or ids.ndim != 1 or len(ids) != len(vectors):
+                raise TransfiraError(f"{path}: 'ids' {ids.shape} and 'vectors' {vectors.shape} do not match")
+            return ids, vectors
     if not allow_pickle:
         raise pickle_refused(path)
     obj = np.load(path, allow_pickle=True)
@@ -111,15 +129,20 @@ def load_id_vectors(path: str | Path, allow_pickle: bool = False) -> tuple[np.nd
     return ids, vectors
 
 
-def read_annotations(csv_path: str | Path, columns: Sequence[str]) -> pd.DataFrame:
-    """Read a CSV and check that ``columns`` are present and that it has rows."""
+def read_annotations(csv_path: str | Path, columns: Sequence[str], *, what: str = "CSV file",
+                     text: bool = False) -> pd.DataFrame:
+    """Read a CSV and check that ``columns`` are present, have no empty value, and that it has rows.
+
+    ``what`` names the file in the not-found error; ``text=True`` reads every column as text
+    (ids such as ``007`` stay as written; numbers are parsed later, e.g. by :func:`numeric_column`).
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise TransfiraError(f"CSV file not found: {csv_path}")
+        raise TransfiraError(f"{what} not found: {csv_path}")
     try:
-        frame = pd.read_csv(csv_path)
+        frame = pd.read_csv(csv_path, **(dict(dtype=str, keep_default_na=False) if text else {}))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise TransfiraError(f"{csv_path}: cannot parse CSV: {err}") from None
+        raise TransfiraError(f"{csv_path}: cannot parse CSV: {str(err).strip()}") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise TransfiraError(
@@ -129,7 +152,10 @@ def read_annotations(csv_path: str | Path, columns: Sequence[str]) -> pd.DataFra
     if frame.empty:
         raise TransfiraError(f"{csv_path}: no rows")
     for col in columns:
-        bad = np.flatnonzero(frame[col].isna().to_numpy())
+        empty = frame[col].isna().to_numpy()
+        if text:
+            empty = empty | (frame[col].str.strip() == "").to_numpy()
+        bad = np.flatnonzero(empty)
         if len(bad):
             raise TransfiraError(f"{csv_path}: empty value in column '{col}' at row(s) {format_rows(bad)}")
     return frame

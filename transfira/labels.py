@@ -61,13 +61,16 @@ def class_centers(features: np.ndarray, ids: np.ndarray, normalize: bool = False
 
 def center_similarities(features: np.ndarray, ids: np.ndarray, center_ids: np.ndarray, centers: np.ndarray,
                         leave_one_out: bool = False, counts: np.ndarray | None = None, normalize: bool = False,
-                        chunk_size: int | None = None, device: torch.device | str = "cpu"
-                        ) -> tuple[np.ndarray, np.ndarray]:
+                        chunk_size: int | None = None, device: torch.device | str = "cpu",
+                        exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``CCS_i = cos(z_i, mu_{y_i})`` (eq. 4) and ``NNCCS_i = max_{j != y_i} cos(z_i, mu_j)`` (eq. 5).
 
     With ``leave_one_out`` the own center excludes image i: ``(n mu - z_i) / (n - 1)``;
     this needs ``counts`` (images per center) and the same ``normalize`` flag as
-    :func:`class_centers`, and every identity must have at least two images.
+    :func:`class_centers`, and every identity must have at least two images. ``exclude``
+    [N, D] (leave-one-out only) is the embedding to take out of the own center instead of
+    ``features`` itself: explain.py scores a degraded copy against the center without the
+    undegraded photo it was made from.
     """
     features, ids = _check_inputs(features, ids)
     centers = np.asarray(centers, dtype=np.float32)
@@ -94,7 +97,8 @@ def center_similarities(features: np.ndarray, ids: np.ndarray, center_ids: np.nd
         own = torch.as_tensor(own_all[start:start + step], device=device)[:, None]
         sims = z_unit @ mu_unit.T
         if leave_one_out:
-            own_center = sums[own[:, 0]] - (z_unit if normalize else z)
+            out = z if exclude is None else _as_tensor(exclude[start:start + step], device)
+            own_center = sums[own[:, 0]] - (F.normalize(out, dim=1) if normalize else out)
             ccs_block = F.cosine_similarity(z, own_center, dim=1, eps=1e-12)
         else:
             ccs_block = sims.gather(1, own)[:, 0]
@@ -102,6 +106,27 @@ def center_similarities(features: np.ndarray, ids: np.ndarray, center_ids: np.nd
         ccs[start:start + len(z)] = ccs_block.cpu().numpy()
         nnccs[start:start + len(z)] = sims.amax(1).cpu().numpy()
     return ccs, nnccs
+
+
+def nearest_nonmatch(features: np.ndarray, ids: np.ndarray, center_ids: np.ndarray, centers: np.ndarray,
+                     chunk_size: int | None = None, device: torch.device | str = "cpu") -> np.ndarray:
+    """Index into ``center_ids`` of ``argmax_{j != y_i} cos(z_i, mu_j)``: the identity behind NNCCS (eq. 5).
+
+    Row chunks as in :func:`center_similarities`; returns int64 [N].
+    """
+    features, ids = _check_inputs(features, ids)
+    if len(center_ids) < 2:
+        raise TransfiraError(f"a non-match center needs at least two identities, found {len(center_ids)}")
+    own_all = class_index(ids, center_ids)
+    mu_unit = F.normalize(_as_tensor(centers, device), dim=1)
+    nearest = np.empty(len(features), np.int64)
+    step = _rows_per_chunk(len(center_ids), chunk_size)
+    for start in range(0, len(features), step):
+        sims = F.normalize(_as_tensor(features[start:start + step], device), dim=1) @ mu_unit.T
+        own = torch.as_tensor(own_all[start:start + step], device=device)[:, None]
+        sims.scatter_(1, own, -torch.inf)
+        nearest[start:start + len(sims)] = sims.argmax(1).cpu().numpy()
+    return nearest
 
 
 def certainty_ratio(ccs: np.ndarray, nnccs: np.ndarray, eps: float = CR_EPS) -> np.ndarray:

@@ -3,8 +3,11 @@
 Under a batch scheduler stdout/stderr go to a file, where tqdm's carriage-return redraws
 turn into thousands of lines. :func:`progress` therefore returns a tqdm bar only when
 stderr is a terminal; otherwise a :class:`LineProgress` that prints one plain line every
-``LINE_PERCENT`` % of the total or every ``LINE_SECONDS`` seconds, whichever comes first,
-and a last line when it closes. Under ``torchrun`` only rank 0 reports.
+``LINE_PERCENT`` % of the total (but not within ``MIN_SECONDS`` of the last line) or after
+``LINE_SECONDS`` seconds without one, and a last line when it closes; a loop opened with
+``leave=False`` (an inner loop, e.g. one epoch) prints that last line only if it printed
+before. A short loop thus writes one line (or none), a long one a line every few percent
+or seconds. Under ``torchrun`` only rank 0 reports.
 ``TRANSFIRA_PROGRESS`` = ``bar`` | ``lines`` | ``off`` overrides the choice (default ``auto``).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Iterable, Iterator
 from tqdm import tqdm
 
 LINE_PERCENT = 10  # a line at every this many percent of the total ...
+MIN_SECONDS = 10.0  # ... unless the last line is more recent than this ...
 LINE_SECONDS = 30.0  # ... or after this many seconds without one
 MODES = ("auto", "bar", "lines", "off")
 
@@ -49,7 +53,7 @@ class LineProgress:
     manager), written as plain lines to stderr."""
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
-                 unit: str = "it", initial: int = 0, **_: Any):
+                 unit: str = "it", initial: int = 0, leave: bool = True, **_: Any):
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
@@ -59,6 +63,7 @@ class LineProgress:
         self.start = self.last_time = time.monotonic()
         self.last_step = self._step(initial)
         self.closed = False
+        self.leave, self.printed = leave, False
 
     def _step(self, n: int) -> int:
         return int(100 * n / self.total) // LINE_PERCENT if self.total else 0
@@ -82,9 +87,11 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now, step = time.monotonic(), self._step(self.n)
-        if step > self.last_step or now - self.last_time >= LINE_SECONDS:
+        since = now - self.last_time
+        if (step > self.last_step and since >= MIN_SECONDS) or since >= LINE_SECONDS:
             self.last_step, self.last_time = step, now
             if not (self.total and self.n >= self.total):  # the last line comes from close()
+                self.printed = True
                 print(self.line(), file=sys.stderr, flush=True)
 
     def set_postfix(self, ordered_dict: dict | None = None, refresh: bool = True, **kwargs: Any) -> None:
@@ -94,6 +101,8 @@ class LineProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if not (self.leave or self.printed):
+                return
             print(self.line() + " - done" if not self.total or self.n >= self.total else self.line(),
                   file=sys.stderr, flush=True)
 
@@ -123,7 +132,7 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,
                     dynamic_ncols=True, **kwargs)
     if chosen == "lines":
-        return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)
+        return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave)
     return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=True)
 
 

@@ -63,7 +63,7 @@ SCHEMA: dict[str, Any] = {
     "val": {**_TABLE, "annotations": ""},  # annotations = "" disables validation
     "opt": {"optimizer": "AdamW", "lr": 1e-6, "weight_decay": 1e-4, "milestones": [300], "gamma": 0.5,
             "loss_func": "MSE", "num_epochs": 500, "momentum": 0.9},
-    "env": {"dist_url": "env://", "backend": "auto"},
+    "env": {"dist_url": "env://", "backend": "auto", "timeout_s": 1800},  # timeout_s: the longest wait in a collective
 }
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 LOSSES = {"mse": nn.functional.mse_loss, "l1": nn.functional.l1_loss, "smoothl1": nn.functional.smooth_l1_loss}
@@ -98,6 +98,9 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
     for key in ("save_every_steps", "num_workers", "head_hidden", "seed"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 0:
             raise bad(key, cfg[key], "expected a non-negative integer")
+    timeout = cfg["env"]["timeout_s"]
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise bad("env.timeout_s", timeout, "expected a positive number of seconds")
     if not isinstance(opt["milestones"], list) or not all(isinstance(m, int) for m in opt["milestones"]):
         raise bad("opt.milestones", opt["milestones"], "expected a list of epoch numbers")
     for key in ("lr", "weight_decay", "gamma", "momentum"):
@@ -129,13 +132,15 @@ def build_model(cfg: dict[str, Any], device: torch.device) -> RecognizabilityPre
 
 @torch.inference_mode()
 def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageDataset, batch_size: int,
-                     num_workers: int, info: dist_utils.DistInfo, l2: float = 1e-3) -> None:
+                     num_workers: int, info: dist_utils.DistInfo, l2: float = 1e-3, policy: str = "skip") -> None:
     """Start the linear heads at the ridge regression of (CCS, CCAS) on the encoder's features.
 
     Xavier-initialized heads on raw embeddings (norm ~20-70) start with outputs far outside
     [-1, 1]; short runs then spend their steps on that scale. One pass over the training
     images (eval mode, no gradients) accumulates X^T X and X^T y in float64, summed over
     processes, and solves ``(X^T X + l2 * mean|z|^2 * N * I) w = X^T y`` (bias unpenalized).
+    Unreadable images are left out (``policy = "skip"``) or stop every rank naming them
+    (``"error"``); an exception on any rank stops all of them (:func:`dist_utils.raise_agreed`).
     """
     sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=False)
     loader = make_loader(dataset, batch_size, num_workers, sampler=sampler, persistent=False)
@@ -144,12 +149,20 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
     dim = model.ccs_layer.in_features
     xtx = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=info.device)
     xty = torch.zeros(dim + 1, 2, dtype=torch.float64, device=info.device)
-    for batch in progress(loader, desc="ridge head init", leave=False, disable=not info.is_main):
-        keep = batch["ok"].bool()
-        z = model.backbone(batch["image"][keep].to(info.device)).flatten(1).double()
-        x = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)
-        xtx += x.T @ x
-        xty += x.T @ batch["target"][keep].to(info.device).double()
+    skipped = 0
+
+    def accumulate(batch: dict[str, Any]) -> str | None:
+        nonlocal skipped
+        keep, error = bad_images(batch, policy)
+        if error is None:
+            skipped += int((~keep).sum())
+            z = model.backbone(batch["image"][keep].to(info.device)).flatten(1).double()
+            x = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)
+            xtx.add_(x.T @ x)
+            xty.add_(x.T @ batch["target"][keep].to(info.device).double())
+        return error
+
+    each_batch(loader, "ridge head init", accumulate, disable=not info.is_main)
     for total in (xtx, xty):
         dist_utils.all_reduce_sum(total)
     n = xtx[dim, dim]
@@ -159,8 +172,9 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
         head.weight.copy_(solution[:dim, k].to(head.weight.dtype)[None])
         head.bias.copy_(solution[dim, k].to(head.bias.dtype)[None])
     model.backbone.train(was_training)
-    if info.is_main:
-        log(f"heads initialized by ridge regression on {int(n)} training images' features")
+    skipped = int(dist_utils.agree(skipped)[0])
+    log(f"heads initialized by ridge regression on {int(n)} training images' features"
+        + (f" ({skipped} unreadable images skipped)" if skipped else ""))
 
 
 def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
@@ -186,15 +200,38 @@ class SkipSampler(torch.utils.data.Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def _check_batch(batch: dict[str, Any], policy: str) -> torch.Tensor | None:
-    """Rows to keep: None (all) if every image decoded; raise or drop bad ones per ``on_bad_image``."""
-    ok = batch["ok"]
-    if bool(ok.all()):
-        return None
-    if policy == "error":
-        first = [e for e, good in zip(batch["error"], ok.tolist()) if not good][0]
-        raise TransfiraError(f"cannot read image {first} (set on_bad_image = 'skip' to leave such images out)")
-    return ok
+def describe(err: BaseException) -> str:
+    """One line for an exception: the message of a :class:`TransfiraError`, else type and message."""
+    return str(err) if isinstance(err, TransfiraError) else f"{type(err).__name__}: {err}"
+
+
+def bad_images(batch: dict[str, Any], policy: str) -> tuple[torch.Tensor, str | None]:
+    """``(keep, error)``: the rows whose image decoded, and with ``policy = "error"`` a message
+    naming the unreadable files of the batch (None when every image decoded or they are skipped)."""
+    ok = batch["ok"].bool()
+    if policy == "error" and not bool(ok.all()):
+        bad = [e for e, good in zip(batch["error"], ok.tolist()) if not good]
+        return ok, (f"cannot read image{'s' if len(bad) > 1 else ''} {'; '.join(bad)} "
+                    "(set on_bad_image = 'skip' to leave such images out)")
+    return ok, None
+
+
+def each_batch(loader, what: str, body, disable: bool = False) -> None:
+    """Run ``body(batch)`` (returning None or an error message) on every batch of ``loader``.
+
+    After each batch every rank agrees (:func:`dist_utils.raise_agreed`): an unreadable image
+    or an exception while loading or in ``body`` on any rank stops all ranks with one message.
+    Ranks must hold equally many batches (DistributedSampler pads the shards to make it so).
+    """
+    with progress(total=len(loader), desc=what, leave=False, disable=disable) as shown:
+        it = iter(loader)
+        for _ in range(len(loader)):
+            try:
+                error = body(next(it))
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                error = describe(err)
+            dist_utils.raise_agreed(error, what)
+            shown.update(1)
 
 
 def _autocast(device: torch.device, amp: str):
@@ -209,29 +246,39 @@ def evaluate(model: nn.Module, loader, dataset: ImageDataset, info: dist_utils.D
 
     Each rank predicts its shard; predictions are gathered with their dataset indices and
     de-duplicated (DistributedSampler pads shards), so every image counts exactly once.
-    Returns the metrics on every rank (``{"ccs_mae": ..., "ccas_spearman": ...}``).
+    Every batch ends with an agreement, so an unreadable image (``policy = "error"``) or an
+    exception on any rank stops all ranks with one message. Returns the metrics on every
+    rank (``{"ccs_mae": ..., "ccas_spearman": ..., "skipped": unreadable images left out}``).
     """
     was_training = model.training
     model.eval()
     rows = []
-    for batch in loader:
-        keep = _check_batch(batch, policy)
-        with _autocast(info.device, amp):
-            ccs, ccas = model(batch["image"].to(info.device, non_blocking=True))
-        ok = torch.ones(len(ccs), device=info.device) if keep is None else keep.to(info.device).float()
-        rows.append(torch.stack([batch["index"].to(info.device).double(), ccs[:, 0].double(),
-                                 ccas[:, 0].double(), ok.double()], 1))
-    model.train(was_training)
+
+    def predict(batch: dict[str, Any]) -> str | None:
+        keep, error = bad_images(batch, policy)
+        if error is None:
+            with _autocast(info.device, amp):
+                ccs, ccas = model(batch["image"].to(info.device, non_blocking=True))
+            rows.append(torch.stack([batch["index"].to(info.device).double(), ccs[:, 0].double(),
+                                     ccas[:, 0].double(), keep.to(info.device).double()], 1))
+        return error
+
+    try:
+        each_batch(loader, "validation", predict, disable=not info.is_main)
+    finally:
+        model.train(was_training)
     local = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64, device=info.device)
     table = dist_utils.all_gather_cat(local).cpu().numpy()
     index, first = np.unique(table[:, 0].astype(np.int64), return_index=True)
     table = table[first]
+    skipped = int((table[:, 3] == 0).sum())
     table = table[table[:, 3] > 0]
     targets = dataset.targets.numpy()[table[:, 0].astype(np.int64)]
-    metrics = {}
+    metrics: dict[str, float] = {}
     for j, name in enumerate(("ccs", "ccas")):
         for key, value in regression_metrics(table[:, 1 + j], targets[:, j]).items():
             metrics[f"{name}_{key}"] = value
+    metrics["skipped"] = skipped
     return metrics
 
 
@@ -298,7 +345,7 @@ def train(cfg: dict[str, Any] | None, resume: str | Path | None = None, max_step
     amp = str(cfg["amp"]).lower()
     if amp != "none" and device.type != "cuda":
         raise TransfiraError(f"{config_path}: amp = '{amp}' needs a CUDA device (device is {device}); set amp = 'none'")
-    info = dist_utils.init_distributed(device, cfg["env"]["backend"], cfg["env"]["dist_url"])
+    info = dist_utils.init_distributed(device, cfg["env"]["backend"], cfg["env"]["dist_url"], cfg["env"]["timeout_s"])
     try:
         return _train(cfg, info, amp, state, resume, max_steps)
     finally:
@@ -312,12 +359,13 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
 
     # data
     train_paths, train_targets = read_targets(cfg["data"])
-    train_set = ImageDataset(cfg["data"]["data_dir"], train_paths, build_transform(cfg["aug"], train=True), train_targets)
+    train_set = ImageDataset(cfg["data"]["data_dir"], train_paths, build_transform(cfg["aug"]), train_targets,
+                             hflip_p={**AUG_DEFAULTS, **cfg["aug"]}["hflip_p"], seed=cfg["seed"])
     val_set = None
     if cfg["val"]["annotations"]:
         val_paths, val_targets = read_targets(cfg["val"])
         val_set = ImageDataset(cfg["val"]["data_dir"], val_paths, build_transform(cfg["aug"]), val_targets)
-    batch_size, accum = cfg["data"]["batch_size"], cfg["grad_accum_steps"]
+    batch_size, accum, policy = cfg["data"]["batch_size"], cfg["grad_accum_steps"], cfg["on_bad_image"]
     sampler = torch.utils.data.DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg["seed"])
     drop_last = len(sampler) >= batch_size  # full batches (BatchNorm1d needs > 1 sample); keep a lone small one
     batches_per_epoch = len(sampler) // batch_size if drop_last else 1
@@ -344,14 +392,16 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
     else:
         run_name = cfg["run_name"] or dist_utils.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         run_dir = Path(cfg["checkpoint_outdir"]) / run_name
-    start_epoch, batches_done, step, loss_sum, loss_count = 0, 0, 0, 0.0, 0
+    start_epoch, batches_done, step = 0, 0, 0
+    counts = _EpochCounts()
     if state is not None:
-        _load_resume(state, model, optimizer, scheduler, scaler, info, batch_size, resume)
+        counts = _load_resume(state, model, optimizer, scheduler, scaler, info, batch_size, resume)
         start_epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
-        loss_sum, loss_count = state["loss_sum"], state["loss_count"]
     stem = Path(cfg["model_path"]).stem
     writer = None
-    if main:
+
+    def start_run_dir() -> None:
+        nonlocal writer
         run_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
             for stale in (run_dir / RESUME_FILE, run_dir / "metrics.csv"):
@@ -364,113 +414,218 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
         writer = SummaryWriter(str(Path(cfg["checkpoint_outdir"]) / "runs" / run_dir.name),
                                purge_step=start_epoch + 1 if state is not None else None)
 
-    if state is None and cfg["head_init"] == "ridge":
-        ridge_init_heads(model, train_set, batch_size, cfg["num_workers"], info, cfg["head_init_l2"])
+    try:
+        _main_does(info, "preparing the run directory", start_run_dir)
+        if state is None and cfg["head_init"] == "ridge":
+            ridge_init_heads(model, train_set, batch_size, cfg["num_workers"], info, cfg["head_init_l2"], policy)
+        return _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_set, sampler, val_loader,
+                     val_set, run_dir, stem, writer, state is None, start_epoch, batches_done, step, counts,
+                     batches_per_epoch, drop_last, max_steps)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class _EpochCounts:
+    """This rank's running sums within the current epoch (saved per rank in ``resume.pt``)."""
+
+    def __init__(self, loss_sum: float = 0.0, loss_count: int = 0, skipped: int = 0):
+        self.loss_sum, self.loss_count, self.skipped = float(loss_sum), int(loss_count), int(skipped)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "loss_count": self.loss_count, "skipped": self.skipped}
+
+
+def _main_does(info: dist_utils.DistInfo, what: str, fn) -> None:
+    """Rank 0 runs ``fn`` (file output); an exception there stops every rank with its message."""
+    error = None
+    if info.is_main:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            error = describe(err)
+    dist_utils.raise_agreed(error, what)
+
+
+def _min_batch(model: nn.Module) -> int:
+    """The fewest images a training forward can take: 2 with BatchNorm in training mode, else 1."""
+    return 2 if any("BatchNorm" in type(m).__name__ and m.training for m in model.modules()) else 1
+
+
+def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_set, sampler, val_loader, val_set,
+          run_dir: Path, stem: str, writer, fresh: bool, start_epoch: int, batches_done: int, step: int,
+          counts: _EpochCounts, batches_per_epoch: int, drop_last: bool, max_steps: int | None) -> Path:
+    """The epochs of :func:`train`. Every step ends with one agreement over all ranks (see below)."""
+    main, device, opt_cfg, batch_size = info.is_main, info.device, cfg["opt"], cfg["data"]["batch_size"]
+    accum, policy = cfg["grad_accum_steps"], cfg["on_bad_image"]
     ddp = model
-    if info.distributed:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if info.distributed:  # buffers are broadcast from rank 0 where they are used (validation, checkpoints)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False)
 
     def save_resume(epoch: int, done: int) -> None:
-        if main:
+        ranks = dist_utils.gather_objects({"rng": _rng_state(), **counts.as_dict()})
+
+        def write() -> None:
             save_state(run_dir / RESUME_FILE, {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "batches_done": done, "step": step, "loss_sum": loss_sum, "loss_count": loss_count,
-                "rng": _rng_state(), "world_size": info.world_size, "batch_size": batch_size, "config": cfg})
-        dist_utils.barrier()
+                "epoch": epoch, "batches_done": done, "step": step, "loss_sum": counts.loss_sum,
+                "loss_count": counts.loss_count, "rng": ranks[0]["rng"], "ranks": ranks,
+                "world_size": info.world_size, "batch_size": batch_size, "config": cfg})
+        _main_does(info, "writing resume.pt", write)
 
-    def validate(epoch: int, train_loss: float | None) -> None:
-        metrics = evaluate(model, val_loader, val_set, info, amp, cfg["on_bad_image"]) if val_loader else {}
-        if not main:
-            return
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": lr,
-               **{f"val_{k}": v for k, v in metrics.items()}}
-        _append_metrics(run_dir / "metrics.csv", row)
-        if train_loss is not None:
-            writer.add_scalar("train/epoch_loss", train_loss, epoch)
-            writer.add_scalar("train/lr", lr, epoch)
-        for key, value in metrics.items():
-            writer.add_scalar(f"val/{key}", value, epoch)
-        writer.flush()
-        text = f"epoch {epoch}/{opt_cfg['num_epochs']}"
-        if train_loss is not None:
-            text += f"  loss {train_loss:.5f}  lr {lr:.3g}"
-        if metrics:
-            text += "  | val " + "  ".join(
-                f"{t.upper()} MAE {metrics[f'{t}_mae']:.4f} r {metrics[f'{t}_pearson']:.3f} "
-                f"rho {metrics[f'{t}_spearman']:.3f}" for t in ("ccs", "ccas"))
-        log(text)
+    def validate(epoch: int, train_loss: float | None, train_skipped: int | None) -> None:
+        dist_utils.broadcast_buffers(model)  # one agreed set of BatchNorm statistics
+        metrics = evaluate(model, val_loader, val_set, info, amp, policy) if val_loader else {}
+        val_skipped = metrics.pop("skipped", None)
 
-    if state is None:
-        validate(0, None)  # the starting point: the untrained heads
+        def write() -> None:
+            lr = optimizer.param_groups[0]["lr"]
+            row = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": lr,
+                   **{f"val_{k}": v for k, v in metrics.items()}, "train_skipped": train_skipped,
+                   "val_skipped": val_skipped}
+            _append_metrics(run_dir / "metrics.csv", row)
+            if train_loss is not None:
+                writer.add_scalar("train/epoch_loss", train_loss, epoch)
+                writer.add_scalar("train/lr", lr, epoch)
+            for key, value in metrics.items():
+                writer.add_scalar(f"val/{key}", value, epoch)
+            writer.flush()
+            text = f"epoch {epoch}/{opt_cfg['num_epochs']}"
+            if train_loss is not None:
+                text += f"  loss {train_loss:.5f}  lr {lr:.3g}"
+            if metrics:
+                text += "  | val " + "  ".join(
+                    f"{t.upper()} MAE {metrics[f'{t}_mae']:.4f} r {metrics[f'{t}_pearson']:.3f} "
+                    f"rho {metrics[f'{t}_spearman']:.3f}" for t in ("ccs", "ccas"))
+            skipped = [f"{n} {what}" for n, what in ((train_skipped, "training"), (val_skipped, "validation")) if n]
+            if skipped:
+                text += f"  | skipped {' and '.join(skipped)} images (unreadable)"
+            log(text)
+        _main_does(info, "writing metrics", write)
+
+    if fresh:
+        validate(0, None, None)  # the starting point: the untrained heads
+    min_batch = _min_batch(model.train())
     epochs = progress(range(start_epoch, opt_cfg["num_epochs"]), desc="epochs", disable=not main,
-                  initial=start_epoch, total=opt_cfg["num_epochs"])
+                      initial=start_epoch, total=opt_cfg["num_epochs"])
     for epoch in epochs:
         sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)  # flips are a function of (seed, epoch, image index)
         if batches_done == 0:
-            seed_everything(cfg["seed"] + 1_000_003 * (epoch + 1) + info.rank)  # per-epoch worker seeds and augmentation
+            seed_everything(cfg["seed"] + 1_000_003 * (epoch + 1) + info.rank)  # per-epoch worker seeds
         loader = make_loader(train_set, batch_size, cfg["num_workers"], sampler=SkipSampler(sampler, batches_done * batch_size),
-                             persistent=False,
-                             drop_last=drop_last)
+                             persistent=False, drop_last=drop_last)
         ddp.train()
-        bar = progress(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not main,
-                   initial=batches_done, total=batches_per_epoch)
-        for i, batch in enumerate(bar, start=batches_done):
-            keep = _check_batch(batch, cfg["on_bad_image"])
-            images, targets = batch["image"], batch["target"]
-            if keep is not None:
-                images, targets = images[keep], targets[keep]
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+        window = 0  # images used over all ranks since the last optimizer step
+        bar = progress(total=batches_per_epoch, initial=batches_done, desc=f"epoch {epoch + 1}", leave=False,
+                       disable=not main)
+        batches = iter(loader)
+        for i in range(batches_done, batches_per_epoch):
+            batch, error = None, None
+            try:
+                batch = next(batches)
+            except Exception as err:  # noqa: BLE001 - reported on every rank after the forward
+                error = f"loading a batch: {describe(err)}"
             sync = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
-            no_sync = ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext()
-            with no_sync:
-                with _autocast(device, amp):
-                    ccs, ccas = ddp(images)
-                loss = loss_fn(ccs[:, 0].float(), targets[:, 0]) + loss_fn(ccas[:, 0].float(), targets[:, 1])  # eq. 9
-                scaler.scale(loss / accum).backward()
-            if not torch.isfinite(loss):
-                raise TransfiraError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                     "lower opt.lr (or use amp = 'bf16' instead of 'fp16')")
-            loss_sum += float(loss.item()) * len(targets)
-            loss_count += len(targets)
-            bar.set_postfix(loss=f"{loss_sum / max(loss_count, 1):.5f}")
+            with ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext():
+                loss, used, error, saved = _forward(ddp, model, batch, error, policy, min_batch, loss_fn, device, amp)
+                # the one agreement of the step: errors, images used, non-finite losses, on every rank
+                n_err, n_total, n_nonfinite = dist_utils.agree(
+                    [error is not None, used, loss is not None and not bool(torch.isfinite(loss))])
+                if n_err or n_nonfinite:
+                    if error is None and loss is not None and not bool(torch.isfinite(loss)):
+                        error = (f"loss became {loss.item()}; lower opt.lr "
+                                 "(or use amp = 'bf16' instead of 'fp16')")
+                    dist_utils.raise_agreed(error, f"epoch {epoch + 1}, step {step + 1}")
+                # each image weighs the same over all ranks: DDP averages the ranks' gradients
+                weight = used * info.world_size / n_total if n_total else 0.0
+                scaler.scale(loss * (weight / accum)).backward()
+                _restore_buffers(model, saved)
+            counts.loss_sum += float(loss.item()) * used
+            counts.loss_count += used
+            counts.skipped += len(batch["ok"]) - used
+            window += int(n_total)
+            bar.update(1)
+            bar.set_postfix(loss=f"{counts.loss_sum / max(counts.loss_count, 1):.5f}")
             if not sync:
                 continue
-            scaler.step(optimizer)
-            scaler.update()
+            if window:  # a step with no usable image on any rank is skipped on every rank
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            window = 0
             if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and i + 1 < batches_per_epoch:
                 save_resume(epoch, i + 1)
             if max_steps is not None and step >= max_steps:
-                if writer is not None:
-                    writer.close()
+                bar.close()
                 return run_dir
         bar.close()
         batches_done = 0
         scheduler.step()
-        epoch_loss = dist_utils.all_reduce_mean(loss_sum / max(loss_count, 1), device)
-        loss_sum, loss_count = 0.0, 0
+        loss_sum, loss_count, skipped = dist_utils.agree([counts.loss_sum, counts.loss_count, counts.skipped])
+        epoch_loss = loss_sum / max(loss_count, 1) if loss_count else math.nan
+        counts = _EpochCounts()
         done = epoch + 1
+        epochs.set_postfix(loss=f"{epoch_loss:.5f}")
         if done % cfg["save_per_epoch"] == 0 or done == opt_cfg["num_epochs"]:
-            if main:
-                save_predictor(run_dir / f"{stem}_{done:04}.pt", model)
-            validate(done, epoch_loss)
+            dist_utils.broadcast_buffers(model)  # the checkpoint holds rank 0's BatchNorm statistics
+            _main_does(info, "writing the checkpoint", lambda: save_predictor(run_dir / f"{stem}_{done:04}.pt", model))
+            validate(done, epoch_loss, int(skipped))
         elif main:
             writer.add_scalar("train/epoch_loss", epoch_loss, done)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], done)
-            epochs.set_postfix(loss=f"{epoch_loss:.5f}")
+            if skipped:
+                log(f"epoch {done}/{opt_cfg['num_epochs']}: skipped {int(skipped)} unreadable training images")
         save_resume(done, 0)
-    if writer is not None:
-        writer.close()
     return run_dir
 
 
+def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, error: str | None, policy: str,
+             min_batch: int, loss_fn, device: torch.device, amp: str) -> tuple:
+    """This rank's part of a training step before the agreement: ``(loss, images used, error, saved)``.
+
+    The usable images of the batch go forward. With fewer than ``min_batch`` of them (all
+    unreadable, or a lone image that BatchNorm cannot normalize) the whole batch goes
+    forward with the unreadable ones as blank placeholders (``saved``: the buffers to restore
+    after the backward); it is used with weight 0 (0 images), so DDP's gradient all-reduce
+    still runs on every rank. An exception becomes ``error`` (nothing is raised here).
+    """
+    if error is not None:
+        return None, 0, error, None
+    try:
+        keep, error = bad_images(batch, policy)
+        if error is not None:
+            return None, 0, error, None
+        images, targets = batch["image"], batch["target"]
+        used = int(keep.sum())
+        if used >= min_batch:
+            if used < len(keep):
+                images, targets = images[keep], targets[keep]
+        else:
+            used = 0
+        saved = [b.detach().clone() for b in model.buffers()] if used == 0 else None
+        with _autocast(device, amp):
+            ccs, ccas = ddp(images.to(device, non_blocking=True))
+        targets = targets.to(device, non_blocking=True)
+        loss = loss_fn(ccs[:, 0].float(), targets[:, 0]) + loss_fn(ccas[:, 0].float(), targets[:, 1])  # eq. 9
+        return loss, used, None, saved
+    except Exception as err:  # noqa: BLE001 - reported on every rank by the caller
+        return None, 0, describe(err), None
+
+
+@torch.no_grad()
+def _restore_buffers(model: nn.Module, saved: list[torch.Tensor] | None) -> None:
+    """Undo a placeholder forward's BatchNorm statistics updates (after its backward)."""
+    for buffer, old in zip(model.buffers(), saved or []):
+        buffer.copy_(old)
+
+
 def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, scaler, info: dist_utils.DistInfo,
-                 batch_size: int, resume: str | Path) -> None:
-    """Restore model, optimizer, schedule, scaler and RNG states from a resume file."""
+                 batch_size: int, resume: str | Path) -> _EpochCounts:
+    """Restore model, optimizer, schedule, scaler and this rank's RNG state and running sums."""
     from .checkpoint import _shown
 
     path = resume_path(resume)
@@ -489,4 +644,12 @@ def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    ranks = state.get("ranks")
+    if isinstance(ranks, list) and len(ranks) == info.world_size:  # each rank continues from its own state
+        mine = ranks[info.rank]
+        _set_rng_state(mine["rng"])
+        return _EpochCounts(mine["loss_sum"], mine["loss_count"], mine.get("skipped", 0))
+    _set_rng_state(state["rng"])  # an older resume file, or an epoch end with another number of processes
+    if state["batches_done"]:
+        return _EpochCounts(state["loss_sum"], state["loss_count"])
+    return _EpochCounts()

@@ -1,0 +1,77 @@
+"""SER-FIQ throughput (images/s) on CPU: the deployed encoder alone vs. encoder + m stochastic passes.
+
+For MobileFaceNet (../shared/models/mobilefacenet_arcface.onnx, w600k_mbf.onnx when present)
+and an IResNet-50 of random weights (benchmarks/bench_train.py's builder, exported with the
+TorchScript exporter like InsightFace's models), converted as test.py does, measure on
+synthetic 112 x 112 batches
+  - encoder: one forward pass (what --generate_features costs anyway),
+  - SER-FIQ: the layers before the last FC once, then m dropout passes of the head (the
+    embedding comes out of the same call),
+  - masks alone: generating the m dropout masks (counter-based hash) of each image,
+and print where the dropout goes and how many units it drops.
+
+    PYTHONPATH=. python benchmarks/bench_serfiq.py [--m 100] [--batch 8] [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench_train import IResNet50
+from transfira.backbone import load_backbone
+from transfira.demo import export_onnx
+from transfira.quality import SerFiq, image_keys, keep_masks
+
+MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+def rate(fn, steps: int, images: int) -> float:
+    """Images per second of ``fn`` over ``steps`` calls, after one warm-up call."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return steps * images / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def bench(name: str, path: Path, m: int, batch: int, steps: int) -> None:
+    net = load_backbone("onnx", path).eval()
+    serfiq = SerFiq(net, 112, m=m)
+    x = torch.randn(batch, 3, 112, 112)
+    keys = image_keys([f"{i}.png" for i in range(batch)], 0)
+    plain = rate(lambda: net(x), steps, batch)
+    full = rate(lambda: serfiq(x, keys), steps, batch)
+    counters = serfiq.counters(x.device)
+    masks = rate(lambda: [keep_masks(keys[i:i + 1], counters, serfiq.p) for i in range(batch)], steps, batch)
+    print(f"| {name} | `{serfiq.layer}` | {serfiq.units} | {m} | {batch} | {plain:.1f} | {full:.1f} | "
+          f"{plain / full:.2f} | {masks:.0f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--m", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| encoder | dropout on the input of | units | m | batch | encoder (img/s) | SER-FIQ (img/s) | slowdown "
+          "| masks alone (img/s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for file in ("mobilefacenet_arcface.onnx", "w600k_mbf.onnx"):
+        if (MODELS / file).is_file():
+            bench(file, MODELS / file, args.m, args.batch, args.steps)
+        else:
+            print(f"| {file} | (not found under {MODELS}) | | | | | | | |")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_onnx(IResNet50().eval(), Path(tmp) / "r50.onnx")
+        bench("IResNet-50 (random)", Path(tmp) / "r50.onnx", args.m, args.batch, args.steps)
+
+
+if __name__ == "__main__":
+    main()
