@@ -1,0 +1,171 @@
+"""The LFW video protocol for one encoder, one command: calibrate -> protocol -> generate -> prepare
+-> train -> test -> analyse -> evaluate.
+
+    python data/lfw_video/run_protocol.py --configs configs/examples/lfw_video/mobilefacenet_arcface
+    python data/lfw_video/run_protocol.py --configs configs/examples/lfw_video/w600k_mbf --from train
+    python data/lfw_video/run_protocol.py --configs ... --workdir /tmp/small \\
+        --set protocol.max_ids_train=30 --set train.opt.num_epochs=1      # a small version
+
+Run from the project root. Each stage's config is ``<configs>/<stage>.toml`` with ``--set
+STAGE.KEY[.KEY]=VALUE`` overrides; with ``--workdir`` every path under the configs' own work dir
+(``output/lfw_video/<encoder>``) moves there. The configs used go to ``<workdir>/configs/``, the time
+per stage to ``<workdir>/timings.json``. Stages are resumable: generate.py / test.py resume their
+feature passes, train.py its resume file; ``--from`` re-runs from a stage. ``calibrate`` only
+reports (the protocol's severities are set in protocol.toml, see docs/results_lfw_video.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from data.lfw.run_protocol import dump_toml  # noqa: E402
+from data.lfw_video.make_protocol import _hash  # noqa: E402
+
+STAGES = ("calibrate", "protocol", "generate", "prepare", "train", "test", "analyse", "evaluate")
+SCRIPTS = {"calibrate": "data/lfw_video/calibrate_severity.py", "protocol": "data/lfw_video/make_protocol.py",
+           "analyse": "data/lfw_video/analyse.py"}
+
+
+def parse_override(text: str) -> tuple[str, list[str], Any]:
+    """``stage.key[.key]=value`` -> (stage, keys, value); the value is read as TOML, else as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise SystemExit(f"--set {text!r}: expected STAGE.KEY=VALUE, e.g. train.opt.num_epochs=1")
+    key, raw = text.split("=", 1)
+    stage, *keys = key.strip().split(".")
+    if stage not in STAGES:
+        raise SystemExit(f"--set {text!r}: unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return stage, keys, value
+
+
+def relocate(value: Any, old: str, new: str) -> Any:
+    """Every path under ``old`` moved under ``new``."""
+    if isinstance(value, dict):
+        return {k: relocate(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, old, new) for v in value]
+    if isinstance(value, str) and old != new and (value == old or value.startswith(old + "/")):
+        return new + value[len(old):]
+    return value
+
+
+def load_configs(config_dir: Path, workdir: str | None, overrides: list[str]) -> tuple[dict[str, dict], str]:
+    """Stage configs with overrides applied; the work dir is analyse.toml's ``workdir``."""
+    configs = {s: tomllib.loads((config_dir / f"{s}.toml").read_text()) for s in STAGES}
+    default = configs["analyse"]["workdir"].rstrip("/")
+    workdir = (workdir or default).rstrip("/")
+    configs = {s: relocate(c, default, workdir) for s, c in configs.items()}
+    for text in overrides:
+        stage, keys, value = parse_override(text)
+        node = configs[stage]
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    train = configs["train"]
+    stem = Path(train["model_path"]).stem
+    epochs = train["opt"]["num_epochs"]
+    configs["test"]["checkpoint_path"] = str(Path(train["checkpoint_outdir"]) / train["run_name"] / f"{stem}_{epochs:04}.pt")
+    configs["test"]["head_hidden"] = train.get("head_hidden", 0)
+    return configs, workdir
+
+
+def cli_command(script: str, cfg: dict[str, Any]) -> list[str]:
+    args = []
+    for key, value in cfg.items():
+        args += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return [sys.executable, script, *args]
+
+
+def e2e_identities(subjects: pd.Series, seed: int, limit: int) -> set:
+    """The first ``limit`` identities in ``sha1(seed:identity:name)`` order (0: all)."""
+    names = sorted(set(subjects), key=lambda n: _hash(seed, "identity", n))
+    return set(names[:limit] if limit else names)
+
+
+def prepare(cfg: dict[str, Any]) -> None:
+    """The end-to-end training subset of the train labels (whole identities in hash order)."""
+    labels = Path(cfg["labels_dir"])
+    train = pd.read_csv(labels / "train_probes_labels.csv")
+    keep = e2e_identities(train["subject_id"], cfg["seed"], cfg["e2e_train_ids"])
+    subset = train[train["subject_id"].isin(keep)]
+    tmp = labels / "train_probes_labels_e2e.csv.tmp"
+    subset.to_csv(tmp, index=False)
+    tmp.replace(labels / "train_probes_labels_e2e.csv")
+    print(f"e2e training subset: {len(keep)} identities / {len(subset)} frames of {len(train)}")
+
+
+def commands(configs: dict[str, dict], paths: dict[str, Path]) -> dict[str, list[str]]:
+    py = sys.executable
+    features = str(Path(configs["prepare"]["labels_dir"]) / "test_probes_features.npy")
+    return {
+        "calibrate": cli_command(SCRIPTS["calibrate"], configs["calibrate"]),
+        "protocol": cli_command(SCRIPTS["protocol"], configs["protocol"]),
+        "generate": [py, "generate.py", "--config", str(paths["generate"])],
+        "train": [py, "train.py", "--config", str(paths["train"])],
+        "test": [py, "test.py", "--config", str(paths["test"]), "--predict_scores", "--aggregate_features",
+                 "--all_variants", "--features_path", features],
+        "analyse": [py, SCRIPTS["analyse"], "--config", str(paths["analyse"])],
+        "evaluate": [py, "evaluate.py", "--config", str(paths["evaluate"])],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="configs/examples/lfw_video/mobilefacenet_arcface",
+                   help="folder with one TOML per stage")
+    p.add_argument("--workdir", default=None, help="where outputs go (default: analyse.toml's workdir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. train.opt.num_epochs=1")
+    p.add_argument("--from", dest="first", choices=STAGES, default="protocol", help="first stage (default: protocol)")
+    p.add_argument("--to", dest="last", choices=STAGES, default=STAGES[-1], help="last stage to run")
+    args = p.parse_args(argv)
+    os.chdir(ROOT)
+    configs, workdir = load_configs(Path(args.configs), args.workdir, args.overrides)
+    config_dir = Path(workdir) / "configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for stage, cfg in configs.items():
+        paths[stage] = config_dir / f"{stage}.toml"
+        paths[stage].write_text(dump_toml(cfg))
+    cmds = commands(configs, paths)
+    todo = STAGES[STAGES.index(args.first): STAGES.index(args.last) + 1]
+    timings_path = Path(workdir) / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    total = time.perf_counter()
+    for stage in todo:
+        start = time.perf_counter()
+        if stage == "prepare":
+            print("\n=== [prepare]", flush=True)
+            prepare(configs["prepare"])
+            code = 0
+        else:
+            print(f"\n=== [{stage}] {' '.join(cmds[stage][1:])}", flush=True)
+            code = subprocess.run(cmds[stage], cwd=ROOT).returncode
+        timings[stage] = round(time.perf_counter() - start, 1)
+        tmp = timings_path.with_name("timings.json.tmp")
+        tmp.write_text(json.dumps(timings, indent=2) + "\n")
+        tmp.replace(timings_path)
+        if code != 0:
+            raise SystemExit(f"[{stage}] failed with exit status {code} after {timings[stage]} s")
+        print(f"=== [{stage}] done in {timings[stage]:.1f} s", flush=True)
+    print(f"\nall stages: {time.perf_counter() - total:.1f} s  (" + ", ".join(f"{s} {timings[s]:.1f} s" for s in todo) + ")")
+    return timings
+
+
+if __name__ == "__main__":
+    main()

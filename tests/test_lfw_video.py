@@ -1,0 +1,182 @@
+"""LFW video protocol (issue #14): protocol construction on synthetic identities (fast, CI), the
+analysis helpers against slow float64 references, and a small real run when ../shared is present."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from data.lfw_video import analyse as an  # noqa: E402
+from data.lfw_video.make_protocol import KINDS, build_tables, frame_plan, make_test_templates, render  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+LFW = SHARED / "data" / "lfw_aligned"
+MODEL = SHARED / "models" / "mobilefacenet_arcface.onnx"
+
+
+def args(**kw) -> SimpleNamespace:
+    base = dict(seed=0, shares=(45, 5, 50), max_ids_train=0, max_ids_val=0, max_ids_test=0, clips_train=1,
+                clips_val=1, clips_test=1, frames=5, clean_frames=1, kinds=KINDS, stack=1, severity_min=0.3,
+                severity_max=1.0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def photos() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = [{"path": f"id{i:03d}/id{i:03d}_{j:04d}.jpg", "subject_id": f"id{i:03d}"}
+            for i in range(200) for j in range(int(rng.integers(1, 6)))]
+    return pd.DataFrame(rows)
+
+
+def test_splits_disjoint_and_deterministic(photos):
+    a, b = build_tables(photos, args()), build_tables(photos.sample(frac=1, random_state=1), args())
+    for name in a:
+        pd.testing.assert_frame_equal(a[name].reset_index(drop=True), b[name].reset_index(drop=True))
+    ids = {s: set(a[f"{s}_gallery"]["subject_id"]) for s in ("train", "val", "test")}
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    counts = photos["subject_id"].value_counts()
+    assert set().union(*ids.values()) == set(counts.index[counts >= 2])  # singletons dropped, the rest kept
+    assert 0.35 < len(ids["train"]) / sum(map(len, ids.values())) < 0.55
+
+
+def test_gallery_is_clean_and_never_a_clip_source(photos):
+    t = build_tables(photos, args(frames=6, clean_frames=2))
+    for s in ("train", "val", "test"):
+        gal, pro = t[f"{s}_gallery"], t[f"{s}_probes"]
+        assert gal["subject_id"].is_unique
+        assert not set(gal["source"]) & set(pro["source"])
+        assert set(pro["subject_id"]) == set(gal["subject_id"])
+        assert (pro.groupby("source").size() == 6).all()
+        clean = pro["frame"] < 2
+        assert (pro.loc[clean, "degradation"] == "none").all() and (pro.loc[clean, "severity"] == 0).all()
+        assert (pro.loc[~clean, "severity"].between(0.3, 1.0)).all()
+        assert pro.loc[~clean, "degradation"].isin(KINDS).all()
+        assert pro["path"].is_unique
+
+
+def test_severity_range_changes_only_the_severity(photos):
+    mild = build_tables(photos, args())["test_probes"]
+    harsh = build_tables(photos, args(severity_min=0.7))["test_probes"]
+    for col in ("path", "degradation", "u", "pixel_seed"):
+        assert (mild[col] == harsh[col]).all()
+    deg = mild["frame"] > 0
+    assert (harsh.loc[deg, "severity"] >= mild.loc[deg, "severity"]).all()
+    np.testing.assert_allclose(harsh.loc[deg, "severity"], 0.7 + 0.3 * harsh.loc[deg, "u"], atol=1e-4)
+    kinds = pd.Series([frame_plan(f"x{i}.jpg", 1, 0, KINDS, 1, (0, 1))["degradation"] for i in range(800)])
+    assert set(kinds) == set(KINDS) and kinds.value_counts().min() > 60  # roughly uniform over 8 kinds
+
+
+def test_stack_draws_distinct_kinds():
+    for i in range(50):
+        kinds = frame_plan(f"p{i}.jpg", 3, 0, KINDS, 3, (0.3, 1))["degradation"].split("+")
+        assert len(kinds) == len(set(kinds)) == 3 and set(kinds) <= set(KINDS)
+
+
+def test_test_templates_and_pairs(photos):
+    t = build_tables(photos, args(clips_test=1))
+    test, templates, pairs = make_test_templates(t["test_gallery"], t["test_probes"])
+    n = t["test_gallery"]["subject_id"].nunique()
+    assert list(test["path"]) == list(t["test_probes"]["path"]) + list(t["test_gallery"]["path"])
+    assert len(templates) == 2 * n and (templates["side"] == "enrol").sum() == n
+    assert len(pairs) == n * n and pairs["label"].sum() == n
+    sub = dict(zip(templates["template_id"], templates["subject_id"]))
+    assert all((sub[a] == sub[b]) == bool(lab) for a, b, lab in pairs.itertuples(index=False))
+    enrol = test.groupby("template_id").size()
+    assert (enrol[templates.loc[templates["side"] == "enrol", "template_id"]] == 1).all()  # one photo per enrol
+    assert (enrol[templates.loc[templates["side"] == "probe", "template_id"]] == 5).all()
+
+
+def test_render_is_deterministic(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)).save(tmp_path / "images/a/a_0001.jpg")
+    row = SimpleNamespace(source="a/a_0001.jpg", **frame_plan("a/a_0001.jpg", 2, 0, KINDS, 2, (0.5, 1)))
+    one, two = np.asarray(render(row, tmp_path)), np.asarray(render(row, tmp_path))
+    assert np.array_equal(one, two)
+    assert not np.array_equal(one, np.asarray(render(SimpleNamespace(source=row.source, degradation="none"), tmp_path)))
+
+
+def test_ridge_fit_matches_augmented_least_squares():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(300, 7)) * 5, rng.normal(size=(300, 2))
+    l2 = 1e-2
+    w = an.ridge_fit(x, y, l2)
+    # independent: minimise |Xb w - y|^2 + lam |w[:-1]|^2 via lstsq on rows sqrt(lam) I appended
+    lam = l2 * float((x ** 2).sum())
+    xb = np.hstack([x, np.ones((300, 1))])
+    aug = np.vstack([xb, np.hstack([np.sqrt(lam) * np.eye(7), np.zeros((7, 1))])])
+    ref = np.linalg.lstsq(aug, np.vstack([y, np.zeros((7, 2))]), rcond=None)[0]
+    np.testing.assert_allclose(w, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_tar_from_matrix_matches_brute_force():
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=(60, 60)).astype(np.float32)
+    s[np.diag_indices(60)] += 2.5
+    idx = rng.integers(0, 60, 60)
+    got = an.tar_from_matrix(s, [1e-2, 5e-2], idx)
+    sub = s[np.ix_(idx, idx)].astype(np.float64)
+    imp = np.sort(sub[idx[:, None] != idx[None, :]])[::-1]
+    gen = np.diagonal(sub)
+    for value, fmr in zip(got, [1e-2, 5e-2]):
+        thr = imp[int(np.floor(fmr * imp.size + 1e-9)) - 1]
+        assert value == pytest.approx(np.mean(gen > thr))
+
+
+def test_agreement_and_recut():
+    true = np.array([0.2, 0.1, -0.1, -0.3, 0.05, -0.02])
+    pred = true + 0.15  # the level drifted up by 0.15
+    a = an.agreement(pred, true)
+    assert a["agree"] == pytest.approx(4 / 6) and a["pred_pos"] == 1 - 1 / 6
+    assert sum(a[k] for k in ("both_pos", "pred_pos_true_neg", "pred_neg_true_pos", "both_neg")) == pytest.approx(1)
+    cut = an.recut(pred, true)
+    assert an.agreement(pred, true, cut)["agree"] == 1.0 and 0.1 <= cut <= 0.2
+
+
+def test_erc_discards_lowest_quality_first():
+    genuine = np.array([0.1, 0.9, 0.2, 0.8])
+    quality = np.array([0.0, 1.0, 0.1, 0.9])
+    np.testing.assert_allclose(an.erc(quality, genuine, 0.5, np.array([0, 0.25, 0.5])), [0.5, 1 / 3, 0.0])
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+@pytest.mark.skipif(not (LFW / "all.csv").is_file() or not MODEL.is_file(), reason=f"needs aligned LFW and models in {SHARED}")
+def test_small_real_run(tmp_path):
+    """All stages on ~30 identities with 3-frame clips, one end-to-end step; the rows are consistent."""
+    small = ["protocol.max_ids_train=12", "protocol.max_ids_val=3", "protocol.max_ids_test=14", "protocol.frames=3",
+             "prepare.e2e_train_ids=8", "analyse.bootstrap=20", "analyse.recut=10", "train.save_every_steps=0",
+             "generate.num_workers=0", "train.num_workers=0", "test.num_workers=0", "evaluate.fmr=[0.02, 0.1]",
+             "analyse.fmr=[0.02, 0.1]", "analyse.orl_subjects=3"]
+    cmd = [sys.executable, str(ROOT / "data/lfw_video/run_protocol.py"), "--workdir", str(tmp_path),
+           *[a for s in small for a in ("--set", s)]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "analysis" / "results.json").read_text())
+    assert r["identities"] == 14 and r["frames"] == 14 * 3
+    # the e2e rows recomputed by analyse.py equal test.py's templates (one aggregation code path)
+    for variant in ("weight", "filter", "filter_weight"):
+        mine = np.load(tmp_path / "analysis" / f"templates_e2e_{variant}.npz")
+        theirs = np.load(tmp_path / "test_results" / f"templates_{variant}.npz")
+        order = np.argsort(theirs["ids"])
+        pos = {t: i for i, t in enumerate(mine["ids"])}
+        np.testing.assert_allclose(mine["vectors"][[pos[t] for t in theirs["ids"][order]]],
+                                   theirs["vectors"][order], rtol=1e-5, atol=1e-5)
+    # evaluate.py's TAR (pairs.csv, its own pair code) equals analyse.py's (subject score matrix)
+    metrics = pd.read_csv(tmp_path / "evaluation" / "results.csv")
+    for name, key in (("baseline", "baseline"), ("norm_weight", "norm_weight"), ("filter_weight", "e2e_filter_weight"),
+                      ("true_filter_weight", "true_filter_weight")):
+        got = metrics[metrics["variant"] == name].sort_values("fmr")["tar"].to_numpy()
+        np.testing.assert_allclose(got, r["tar"][key]["tar"], atol=1e-9)
+    truth = pd.read_csv(tmp_path / "analysis" / "test_probes_scores.csv")
+    assert (truth.loc[truth["frame"] == 0, "ccas"] > 0).mean() >= (truth.loc[truth["frame"] > 0, "ccas"] > 0).mean()
