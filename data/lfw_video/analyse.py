@@ -130,6 +130,19 @@ def erc(quality: np.ndarray, genuine: np.ndarray, threshold: float, fractions: n
 
 
 # ---------------------------------------------------------------------------------------------- I/O parts
+def fiqa_scores(quality_csv: str, paths: pd.Series) -> dict[str, np.ndarray]:
+    """Other FIQA scores per test frame from test.py's ``test_quality.csv`` (``[quality]``, e.g. SER-FIQ),
+    matched by path; ``{}`` without a file. The norm, CCS and CCAS columns are computed here already."""
+    if not quality_csv:
+        return {}
+    table = pd.read_csv(quality_csv).drop_duplicates("path").set_index("path")
+    missing = ~paths.isin(table.index)
+    if missing.any():
+        raise SystemExit(f"{quality_csv}: no row for test frame {paths[missing].iloc[0]} ({int(missing.sum())} missing)")
+    names = [c for c in table.columns if c not in ("template_id", "ccs", "ccas", "norm")]
+    return {c: table.loc[paths, c].to_numpy(np.float64) for c in names}
+
+
 def templates_for(rows: dict[str, dict[str, np.ndarray]], probe_feats: np.ndarray, probe_tids: np.ndarray,
                   gallery_feats: np.ndarray, gallery_tids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{row: (template ids, vectors)}``: enrol photos unchanged, clips aggregated (paper eq. 10)."""
@@ -266,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
     if e2e_path.is_file():
         preds["e2e"] = np.stack([np.load(e2e_path)[:n], np.load(work / "test_results" / "test_ccas.npy")[:n]], 1)
     true = probes[["ccs", "ccas"]].to_numpy()
-    scores = probes.assign(norm=norm, **{f"{k}_{c}": v[:, j] for k, v in preds.items() for j, c in enumerate(("ccs", "ccas"))})
+    fiqa = fiqa_scores(cfg.get("quality_csv", ""), probes["path"])
+    scores = probes.assign(**fiqa, norm=norm, **{f"{k}_{c}": v[:, j] for k, v in preds.items() for j, c in enumerate(("ccs", "ccas"))})
     scores.to_csv(out / "test_probes_scores.csv", index=False)
     main_pred = "e2e" if "e2e" in preds else "ridge"
     np.save(out / "test_probes_ccs.npy", preds[main_pred][:, 0].astype(np.float32))
@@ -280,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "variants": ["filter_weight"]}}
     if "e2e" in preds:
         rows["e2e"] = {"ccs": preds["e2e"][:, 0], "ccas": preds["e2e"][:, 1]}
+    rows.update({name: {"ccs": q, "variants": ["weight"]} for name, q in fiqa.items()})  # e.g. serfiq_weight
     templates = templates_for(rows, z, tid_probe, zg, tid_gallery)
     for name, (ids, vecs) in templates.items():
         save_id_vectors(out / f"templates_{name}.npz", ids, vecs)
@@ -302,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # image level: Spearman with true CCS (subject bootstrap), cut agreement, ERC
     frame_sub = probes["subject_id"].map({s: i for i, s in enumerate(subjects)}).to_numpy()
-    quality = {"norm": norm, **{f"{k} CCS": v[:, 0] for k, v in preds.items()},
+    quality = {"norm": norm, **fiqa, **{f"{k} CCS": v[:, 0] for k, v in preds.items()},
                **{f"{k} CCAS": v[:, 1] for k, v in preds.items()}}
     sc = {}
     sc_boot = {}

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = [("baseline", "baseline (mean)"), ("norm_weight", "norm-weighted"),
+ROWS = [("baseline", "baseline (mean)"), ("norm_weight", "norm-weighted"), ("serfiq_weight", "SER-FIQ-weighted"),
         ("e2e_weight", "TransFIRA weight (e2e)"), ("e2e_filter", "TransFIRA filter (e2e)"),
         ("e2e_filter_weight", "TransFIRA filter + weight (e2e)"),
         ("ridge_weight", "frozen ridge weight"), ("ridge_filter", "frozen ridge filter"),
