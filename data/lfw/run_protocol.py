@@ -54,14 +54,14 @@ def dump_toml(config: dict[str, Any]) -> str:
     return "\n".join(table("", config)) + "\n"
 
 
-def parse_override(text: str) -> tuple[str, list[str], Any]:
+def parse_override(text: str, stages: tuple[str, ...] = STAGES) -> tuple[str, list[str], Any]:
     """``stage.key[.key]=value`` -> (stage, keys, value); the value is read as TOML, else as a string."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise SystemExit(f"--set {text!r}: expected STAGE.KEY=VALUE, e.g. train.opt.num_epochs=1")
     key, raw = text.split("=", 1)
     stage, *keys = key.strip().split(".")
-    if stage not in STAGES:
-        raise SystemExit(f"--set {text!r}: unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    if stage not in stages:
+        raise SystemExit(f"--set {text!r}: unknown stage '{stage}' (stages: {', '.join(stages)})")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

@@ -33,7 +33,6 @@ Layout of ``--out`` (``data_dir`` of every config is ``<out>/images``)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -44,25 +43,11 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data.lfw.make_protocol import _hash, _unit, assign_split  # noqa: E402  (one hashing scheme for both protocols)
 from transfira.degradations import DEGRADATIONS, degrade  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 KINDS = ("blur", "downscale", "noise", "occlusion", "jpeg", "underexpose", "overexpose", "rotation")
-
-
-def _hash(*parts: object) -> int:
-    """A stable 64-bit integer from ``parts`` (SHA-1, independent of PYTHONHASHSEED)."""
-    return int(hashlib.sha1(":".join(map(str, parts)).encode()).hexdigest()[:16], 16)
-
-
-def _unit(*parts: object) -> float:
-    """A stable number in [0, 1) from ``parts``."""
-    return _hash(*parts) / 2.0 ** 64
-
-
-def assign_split(name: str, seed: int, shares: tuple[int, int, int]) -> str:
-    bucket = _hash(seed, "split", name) % 100
-    return "train" if bucket < shares[0] else "val" if bucket < shares[0] + shares[1] else "test"
 
 
 def frame_plan(source: str, frame: int, seed: int, kinds: tuple[str, ...], stack: int,

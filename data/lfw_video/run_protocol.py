@@ -29,27 +29,12 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from data.lfw.run_protocol import dump_toml  # noqa: E402
+from data.lfw.run_protocol import dump_toml, parse_override  # noqa: E402
 from data.lfw_video.make_protocol import _hash  # noqa: E402
 
 STAGES = ("calibrate", "protocol", "generate", "prepare", "train", "test", "analyse", "evaluate")
 SCRIPTS = {"calibrate": "data/lfw_video/calibrate_severity.py", "protocol": "data/lfw_video/make_protocol.py",
            "analyse": "data/lfw_video/analyse.py"}
-
-
-def parse_override(text: str) -> tuple[str, list[str], Any]:
-    """``stage.key[.key]=value`` -> (stage, keys, value); the value is read as TOML, else as a string."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise SystemExit(f"--set {text!r}: expected STAGE.KEY=VALUE, e.g. train.opt.num_epochs=1")
-    key, raw = text.split("=", 1)
-    stage, *keys = key.strip().split(".")
-    if stage not in STAGES:
-        raise SystemExit(f"--set {text!r}: unknown stage '{stage}' (stages: {', '.join(STAGES)})")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return stage, keys, value
 
 
 def relocate(value: Any, old: str, new: str) -> Any:
@@ -70,7 +55,7 @@ def load_configs(config_dir: Path, workdir: str | None, overrides: list[str]) ->
     workdir = (workdir or default).rstrip("/")
     configs = {s: relocate(c, default, workdir) for s, c in configs.items()}
     for text in overrides:
-        stage, keys, value = parse_override(text)
+        stage, keys, value = parse_override(text, STAGES)
         node = configs[stage]
         for key in keys[:-1]:
             node = node.setdefault(key, {})
