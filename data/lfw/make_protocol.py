@@ -167,6 +167,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-template-images", type=int, default=4,
                    help="test identities need this many images (copies included) for enrol + probe templates")
     args = p.parse_args(argv)
+    check_kinds_and_split(p, args)
+    if not 0 <= args.severity_min <= args.severity_max <= 1 or not 0 <= args.degrade_share <= 1:
+        p.error("need 0 <= severity-min <= severity-max <= 1 and 0 <= degrade-share <= 1")
+    return args
+
+
+def check_kinds_and_split(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--kinds`` -> ``args.kinds`` (known degradations, in order) and ``--split`` -> ``args.shares``
+    (three non-negative percentages adding up to 100), or ``p.error``. Shared by both LFW protocols."""
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in args.kinds if k not in DEGRADATIONS]
     shares = tuple(int(s) for s in args.split.split(","))
@@ -174,10 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--kinds: unknown {unknown} (known: {', '.join(DEGRADATIONS)})")
     if len(shares) != 3 or sum(shares) != 100 or min(shares) < 0:
         p.error("--split must be three non-negative percentages adding up to 100")
-    if not 0 <= args.severity_min <= args.severity_max <= 1 or not 0 <= args.degrade_share <= 1:
-        p.error("need 0 <= severity-min <= severity-max <= 1 and 0 <= degrade-share <= 1")
     args.shares = shares
-    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,8 +43,8 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.lfw.make_protocol import _hash, _unit, assign_split  # noqa: E402  (one hashing scheme for both protocols)
-from transfira.degradations import DEGRADATIONS, degrade  # noqa: E402
+from data.lfw.make_protocol import _hash, _unit, assign_split, check_kinds_and_split  # noqa: E402  (one hashing scheme for both protocols)
+from transfira.degradations import degrade  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 KINDS = ("blur", "downscale", "noise", "occlusion", "jpeg", "underexpose", "overexpose", "rotation")
@@ -156,20 +156,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--severity-min", type=float, default=0.3)
     p.add_argument("--severity-max", type=float, default=1.0)
     args = p.parse_args(argv)
-    args.kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    unknown = [k for k in args.kinds if k not in DEGRADATIONS]
-    shares = tuple(int(s) for s in args.split.split(","))
-    if unknown or not args.kinds:
-        p.error(f"--kinds: unknown {unknown} (known: {', '.join(DEGRADATIONS)})")
+    check_kinds_and_split(p, args)
+    args.kinds = tuple(args.kinds)
     if not 1 <= args.stack <= len(args.kinds):
         p.error(f"--stack must be between 1 and the number of kinds ({len(args.kinds)})")
-    if len(shares) != 3 or sum(shares) != 100 or min(shares) < 0:
-        p.error("--split must be three non-negative percentages adding up to 100")
     if not 0 <= args.severity_min <= args.severity_max <= 1:
         p.error("need 0 <= severity-min <= severity-max <= 1")
     if not 0 <= args.clean_frames <= args.frames or args.frames < 1:
         p.error("need frames >= 1 and 0 <= clean-frames <= frames")
-    args.shares = shares
     return args
 
 
