@@ -26,14 +26,7 @@ from transfira.checkpoint import save_predictor  # noqa: E402
 from transfira.errors import TransfiraError, run_cli  # noqa: E402
 from transfira.io import numeric_column, read_annotations  # noqa: E402
 from transfira.model import RecognizabilityPredictionNetwork  # noqa: E402
-
-
-def ridge_heads(features: np.ndarray, targets: np.ndarray, l2: float = 1e-3) -> np.ndarray:
-    """``[D + 1, K]`` weights (last row: bias) of ``(X^T X + l2 N mean|z|^2 I) w = X^T y`` with X = [z, 1]."""
-    x = np.c_[np.asarray(features, np.float64), np.ones(len(features))]
-    xtx = x.T @ x
-    penalty = np.r_[np.full(x.shape[1] - 1, l2 * np.trace(xtx[:-1, :-1])), 0.0]
-    return np.linalg.solve(xtx + np.diag(penalty), x.T @ np.asarray(targets, np.float64))
+from transfira.training import ridge_fit as ridge_heads  # noqa: E402  (train.py's head_init = "ridge" solve)
 
 
 def main() -> None:

@@ -130,6 +130,21 @@ def build_model(cfg: dict[str, Any], device: torch.device) -> RecognizabilityPre
                                             cfg["freeze_backbone"]).to(device)
 
 
+def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, l2: float) -> torch.Tensor:
+    """``[D + 1, K]`` ridge weights (last row: bias) from the sufficient statistics of X = [z, 1]:
+    ``(X^T X + l2 * sum|z|^2 * I) w = X^T y``, i.e. l2 * N * mean squared norm, bias unpenalized."""
+    dim = xtx.shape[0] - 1
+    penalty = l2 * xtx.diagonal()[:dim].sum()
+    return torch.linalg.solve(xtx + torch.diag(torch.cat([penalty.repeat(dim), penalty.new_zeros(1)])), xty)
+
+
+def ridge_fit(features: np.ndarray, targets: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """:func:`ridge_solve` on features held in memory (float64): the heads ``head_init = "ridge"``
+    computes, from cached features instead of a pass over the images."""
+    x = torch.from_numpy(np.c_[np.asarray(features, np.float64), np.ones(len(features))])
+    return ridge_solve(x.T @ x, x.T @ torch.from_numpy(np.asarray(targets, np.float64)), l2).numpy()
+
+
 @torch.inference_mode()
 def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageDataset, batch_size: int,
                      num_workers: int, info: dist_utils.DistInfo, l2: float = 1e-3, policy: str = "skip") -> None:
@@ -166,8 +181,7 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
     for total in (xtx, xty):
         dist_utils.all_reduce_sum(total)
     n = xtx[dim, dim]
-    penalty = l2 * xtx.diagonal()[:dim].sum()  # l2 * N * mean squared norm
-    solution = torch.linalg.solve(xtx + torch.diag(torch.cat([penalty.repeat(dim), penalty.new_zeros(1)])), xty)
+    solution = ridge_solve(xtx, xty, l2)
     for k, head in enumerate((model.ccs_layer, model.ccas_layer)):
         head.weight.copy_(solution[:dim, k].to(head.weight.dtype)[None])
         head.bias.copy_(solution[dim, k].to(head.bias.dtype)[None])
@@ -354,7 +368,7 @@ def train(cfg: dict[str, Any] | None, resume: str | Path | None = None, max_step
 
 def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict[str, Any] | None,
            resume: str | Path | None, max_steps: int | None) -> Path:
-    main, device, opt_cfg = info.is_main, info.device, cfg["opt"]
+    device, opt_cfg = info.device, cfg["opt"]
     seed_everything(cfg["seed"])
 
     # data
@@ -365,7 +379,7 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
     if cfg["val"]["annotations"]:
         val_paths, val_targets = read_targets(cfg["val"])
         val_set = ImageDataset(cfg["val"]["data_dir"], val_paths, build_transform(cfg["aug"]), val_targets)
-    batch_size, accum, policy = cfg["data"]["batch_size"], cfg["grad_accum_steps"], cfg["on_bad_image"]
+    batch_size, policy = cfg["data"]["batch_size"], cfg["on_bad_image"]
     sampler = torch.utils.data.DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg["seed"])
     drop_last = len(sampler) >= batch_size  # full batches (BatchNorm1d needs > 1 sample); keep a lone small one
     batches_per_epoch = len(sampler) // batch_size if drop_last else 1

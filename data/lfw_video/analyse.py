@@ -41,21 +41,12 @@ from transfira import evaluation as ev  # noqa: E402
 from transfira.aggregation import aggregate_variants  # noqa: E402
 from transfira.degradations import degrade  # noqa: E402
 from transfira.io import save_id_vectors  # noqa: E402
+from transfira.training import ridge_fit  # noqa: E402  (train.py's head_init = "ridge" solve)
 
 VARIANTS = ("weight", "filter", "filter_weight")
 
 
 # ---------------------------------------------------------------------------------------------- pure parts
-def ridge_fit(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
-    """``[D + 1, T]`` solution of ``(X^T X + l2 * sum|x|^2 I) w = X^T y`` with an unpenalized bias
-    (``transfira.training.ridge_init_heads``' system, in float64)."""
-    x = np.asarray(x, np.float64)
-    xb = np.hstack([x, np.ones((len(x), 1))])
-    penalty = np.full(x.shape[1] + 1, l2 * np.einsum("ij,ij->", x, x))
-    penalty[-1] = 0.0
-    return np.linalg.solve(xb.T @ xb + np.diag(penalty), xb.T @ np.asarray(y, np.float64))
-
-
 def ridge_predict(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float64) @ w[:-1] + w[-1]
 
