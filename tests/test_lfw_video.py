@@ -180,3 +180,15 @@ def test_small_real_run(tmp_path):
         np.testing.assert_allclose(got, r["tar"][key]["tar"], atol=1e-9)
     truth = pd.read_csv(tmp_path / "analysis" / "test_probes_scores.csv")
     assert (truth.loc[truth["frame"] == 0, "ccas"] > 0).mean() >= (truth.loc[truth["frame"] > 0, "ccas"] > 0).mean()
+
+
+def test_fiqa_scores_matched_by_path_and_missing_frame_named(tmp_path):
+    csv = tmp_path / "test_quality.csv"
+    pd.DataFrame({"path": ["b.png", "a.png"], "template_id": [1, 1], "ccs": [0.1, 0.2], "norm": [3.0, 4.0],
+                  "serfiq": [0.5, 0.7]}).to_csv(csv, index=False)
+    scores = an.fiqa_scores(str(csv), pd.Series(["a.png", "b.png"]))
+    assert list(scores) == ["serfiq"]  # norm, ccs, ccas and ids are computed by analyse.py itself
+    np.testing.assert_array_equal(scores["serfiq"], [0.7, 0.5])
+    assert an.fiqa_scores("", pd.Series(["a.png"])) == {}
+    with pytest.raises(SystemExit, match=r"test_quality\.csv: no row for test frame c\.png \(1 missing\)"):
+        an.fiqa_scores(str(csv), pd.Series(["a.png", "c.png"]))
