@@ -21,11 +21,14 @@ def main() -> None:
                         help="continue a run from its resume.pt (uses the stored config when --config is not given)")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="stop after this many optimizer steps, as if killed (smoke tests)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in a run directory that already holds a run (its files are replaced)")
     args = parser.parse_args()
     if args.config is None and args.resume is None:
         raise TransfiraError("give --config CONFIG (or --resume RUN_DIR to continue a run)")
     cfg = load_config(args.config, SCHEMA) if args.config else None
-    run_dir = train(cfg, resume=args.resume, max_steps=args.max_steps, config_path=args.config or "config")
+    run_dir = train(cfg, resume=args.resume, max_steps=args.max_steps, config_path=args.config or "config",
+                    overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {run_dir}")
 

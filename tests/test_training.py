@@ -111,8 +111,11 @@ def test_frozen_backbone_and_accumulation(tmp_path, demo_dir, labels):
                       head_hidden=8, val__annotations="", opt__num_epochs=1, opt__optimizer="AdamW", opt__lr=1e-2)
     run = train(cfg)
     state = torch.load(run / "encoder_0001.pt", weights_only=True)
+    assert state and not any(k.startswith("backbone.") for k in state)  # heads only: they run on the encoder file
+    assert state["ccs_layer.0.weight"].shape == (8, 64)
+    resume = torch.load(run / "resume.pt", weights_only=True)["model"]
     start = RecognizabilityPredictionNetwork(load_backbone("onnx", demo_dir / "encoder.onnx"), 64, 8).state_dict()
-    assert all(torch.equal(state[k], v) for k, v in start.items() if k.startswith("backbone."))
+    assert all(torch.equal(resume[k], v) for k, v in start.items() if k.startswith("backbone."))  # never trained
     assert torch.load(run / "resume.pt", weights_only=True)["step"] == 2  # 3 batches, accumulation 2: 2 steps
 
 

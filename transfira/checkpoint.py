@@ -37,14 +37,8 @@ def _shown(keys: list[str], most: int = 8) -> str:
     return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
-def load_predictor_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
-    """Load a predictor ``state_dict`` from ``path`` into ``model`` (strict); return ``model``.
-
-    Accepts our checkpoints, the authors' released ones, and state dicts saved from a
-    ``DistributedDataParallel`` wrapper (``module.`` prefix). Key mismatches are reported
-    in one line listing the missing and unexpected keys; shape mismatches name the key and
-    both shapes (usually a different encoder or ``embedding_size``).
-    """
+def read_predictor_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a predictor checkpoint (also inside a resume file, or saved from DDP)."""
     state = read_state(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a resume file
@@ -52,8 +46,34 @@ def load_predictor_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
         raise TransfiraError(f"{path}: expected a state_dict (dict of tensors), found {type(state).__name__}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def build_predictor(backbone: nn.Module, embedding_size: int, path: str | Path) -> nn.Module:
+    """The predictor of checkpoint ``path`` on ``backbone``: the heads' layout (hidden units, input)
+    is read from the checkpoint itself (:func:`transfira.model.head_layout`), then the weights load."""
+    from .model import RecognizabilityPredictionNetwork, head_layout
+
+    state = read_predictor_state(path)
+    model = RecognizabilityPredictionNetwork(backbone, embedding_size, **head_layout(state, embedding_size))
+    return load_predictor_checkpoint(path, model, state)
+
+
+def load_predictor_checkpoint(path: str | Path, model: nn.Module, state: dict | None = None) -> nn.Module:
+    """Load a predictor ``state_dict`` from ``path`` into ``model`` (strict); return ``model``.
+
+    Accepts our checkpoints, the authors' released ones, and state dicts saved from a
+    ``DistributedDataParallel`` wrapper (``module.`` prefix). Key mismatches are reported
+    in one line listing the missing and unexpected keys; shape mismatches name the key and
+    both shapes (usually a different encoder or ``embedding_size``). A checkpoint without
+    ``backbone.*`` keys holds the heads only: they run on the encoder file as it is (a frozen
+    encoder; what :func:`save_predictor` writes for ``freeze_backbone`` runs).
+    """
+    state = dict(read_predictor_state(path) if state is None else state)
     target = model.module if hasattr(model, "module") else model
     expected = target.state_dict()
+    if not any(k.startswith("backbone.") for k in state):
+        expected = {k: v for k, v in expected.items() if not k.startswith("backbone.")}
     # copies made by backbone.untie_aliased_initializers may be absent from other files
     for copy, source in getattr(getattr(target, "backbone", None), "transfira_untied", {}).items():
         if f"backbone.{copy}" not in state and f"backbone.{source}" in state:
@@ -73,11 +93,13 @@ def load_predictor_checkpoint(path: str | Path, model: nn.Module) -> nn.Module:
         if value.shape != expected[key].shape:
             raise TransfiraError(f"{path}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
                                  f"{tuple(expected[key].shape)} in the model (another encoder or embedding_size?)")
-    target.load_state_dict(state, strict=True)
+    target.load_state_dict(state, strict=len(expected) == len(target.state_dict()))
     return model
 
 
-def save_predictor(path: str | Path, model: nn.Module) -> None:
-    """Write ``model``'s plain state dict (unwrapped from DDP, on CPU) atomically."""
+def save_predictor(path: str | Path, model: nn.Module, heads_only: bool = False) -> None:
+    """Write ``model``'s plain state dict (unwrapped from DDP, on CPU) atomically; with ``heads_only``
+    without the ``backbone.*`` entries (a frozen encoder: the checkpoint runs on the encoder file)."""
     target = model.module if hasattr(model, "module") else model
-    save_state(path, {k: v.detach().cpu() for k, v in target.state_dict().items()})
+    save_state(path, {k: v.detach().cpu() for k, v in target.state_dict().items()
+                      if not (heads_only and k.startswith("backbone."))})

@@ -112,6 +112,40 @@ class ImageDataset(torch.utils.data.Dataset):
         return item
 
 
+class FreshlyDegradedDataset(ImageDataset):
+    """Training images drawn afresh every epoch (``train.py [degrade]``): image ``index`` of epoch ``e``
+    is :func:`~transfira.degradations.draw_degradation` ``(seed, e, index, ...)`` applied to the decoded
+    RGB photo (:func:`~transfira.degradations.degrade_chain`), before the transform. Items add the
+    identity's position in the centers (``class``) and the draw (``kinds`` joined by ``+``, ``"none"``
+    when clean; ``severity``; ``pixel_seed``), so anyone can re-render the frame from its row."""
+
+    def __init__(self, data_dir: str | Path, paths: Sequence[str], transform, classes: np.ndarray,
+                 degrade: dict[str, Any], seed: int = 0):
+        super().__init__(data_dir, paths, transform, seed=seed)
+        self.classes = torch.as_tensor(np.asarray(classes, np.int64))
+        self.kinds, self.stack = tuple(degrade["kinds"]), int(degrade["stack"])
+        self.severity, self.p_clean = tuple(map(float, degrade["severity"])), float(degrade["p_clean"])
+
+    def draw(self, index: int) -> tuple[tuple[str, ...], float, int]:
+        """The degradation of image ``index`` in the current epoch."""
+        from .degradations import draw_degradation
+
+        return draw_degradation(self.seed, self.epoch, index, self.kinds, self.stack, self.severity, self.p_clean)
+
+    def load(self, index: int) -> Image.Image:
+        from .degradations import degrade_chain
+
+        kinds, severity, pixel_seed = self.draw(index)
+        image = super().load(index)
+        return degrade_chain(image, kinds, severity, pixel_seed) if kinds else image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = super().__getitem__(index)
+        kinds, severity, pixel_seed = self.draw(index)
+        return {**item, "class": self.classes[index], "kinds": "+".join(kinds) or "none", "severity": severity,
+                "pixel_seed": pixel_seed}
+
+
 def dataset_from_table(frame, table: dict[str, Any], aug: dict[str, Any], source: str, train: bool = False,
                        targets: np.ndarray | None = None, seed: int = 0) -> ImageDataset:
     """The :class:`ImageDataset` of a config table (``data_dir``, ``path_col_name``, optional

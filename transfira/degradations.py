@@ -186,3 +186,25 @@ def degrade(image: Image.Image, kind: str, severity: float, seed: int = 0) -> Im
     if kind not in DEGRADATIONS:
         raise ValueError(f"unknown degradation '{kind}' (known: none, {', '.join(DEGRADATIONS)})")
     return DEGRADATIONS[kind](image.convert("RGB"), severity, seed)
+
+
+def degrade_chain(image: Image.Image, kinds: tuple[str, ...] | list[str], severity: float, seed: int = 0) -> Image.Image:
+    """Apply ``kinds`` one after the other at one ``severity``; kind ``i`` gets pixel seed ``seed + i``
+    (how the video-like protocol renders a frame with stacked degradations)."""
+    image = image.convert("RGB")
+    for i, kind in enumerate(kinds):
+        image = degrade(image, kind, severity, (int(seed) + i) % 2**32)
+    return image
+
+
+def draw_degradation(seed: int, epoch: int, index: int, kinds: tuple[str, ...] | list[str], stack: int,
+                     severity: tuple[float, float], p_clean: float) -> tuple[tuple[str, ...], float, int]:
+    """``(kinds, severity, pixel_seed)`` of image ``index`` in ``epoch``: clean (``()``) with probability
+    ``p_clean``, else ``stack`` distinct kinds in a random order at one severity ``U[lo, hi]``.
+    A function of (seed, epoch, index) alone, identical on every platform, worker and rank."""
+    rng = np.random.default_rng((int(seed), int(epoch), int(index), 0x5EED))
+    clean, u, pixel_seed = rng.random(), rng.random(), int(rng.integers(0, 2**31))
+    order = rng.permutation(len(kinds))
+    if clean < p_clean:
+        return (), 0.0, pixel_seed
+    return tuple(kinds[k] for k in order[:stack]), float(severity[0] + (severity[1] - severity[0]) * u), pixel_seed

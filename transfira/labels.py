@@ -93,19 +93,26 @@ def center_similarities(features: np.ndarray, ids: np.ndarray, center_ids: np.nd
     step = _rows_per_chunk(len(center_ids), chunk_size)
     for start in range(0, len(features), step):
         z = _as_tensor(features[start:start + step], device)
-        z_unit = F.normalize(z, dim=1)
-        own = torch.as_tensor(own_all[start:start + step], device=device)[:, None]
-        sims = z_unit @ mu_unit.T
+        own = torch.as_tensor(own_all[start:start + step], device=device)
+        ccs_block, nnccs_block = batch_center_similarities(z, own, mu_unit)
         if leave_one_out:
             out = z if exclude is None else _as_tensor(exclude[start:start + step], device)
-            own_center = sums[own[:, 0]] - (F.normalize(out, dim=1) if normalize else out)
+            own_center = sums[own] - (F.normalize(out, dim=1) if normalize else out)
             ccs_block = F.cosine_similarity(z, own_center, dim=1, eps=1e-12)
-        else:
-            ccs_block = sims.gather(1, own)[:, 0]
-        sims.scatter_(1, own, -torch.inf)
         ccs[start:start + len(z)] = ccs_block.cpu().numpy()
-        nnccs[start:start + len(z)] = sims.amax(1).cpu().numpy()
+        nnccs[start:start + len(z)] = nnccs_block.cpu().numpy()
     return ccs, nnccs
+
+
+def batch_center_similarities(z: torch.Tensor, own: torch.Tensor, unit_centers: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CCS (eq. 4) and NNCCS (eq. 5) of one batch of embeddings ``z`` [B, D] in torch, against
+    L2-normalized centers [C, D]; ``own`` [B] is each image's row in the centers. The block
+    behind :func:`center_similarities`, and the online labels of ``train.py [degrade]``."""
+    sims = F.normalize(z.float(), dim=1) @ unit_centers.T
+    own = own[:, None]
+    ccs = sims.gather(1, own)[:, 0]
+    return ccs, sims.scatter(1, own, -torch.inf).amax(1)
 
 
 def nearest_nonmatch(features: np.ndarray, ids: np.ndarray, center_ids: np.ndarray, centers: np.ndarray,

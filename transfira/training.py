@@ -12,7 +12,6 @@ import contextlib
 import math
 import random
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,19 +26,25 @@ from .checkpoint import read_state, save_predictor, save_state
 from .config import REQUIRED, apply_schema
 from .data import (
     AUG_DEFAULTS,
+    FreshlyDegradedDataset,
     ImageDataset,
     build_transform,
     make_loader,
     read_annotations,
 )
+from .degradations import DEGRADATIONS
 from .errors import TransfiraError
 from .evaluation import spearman
-from .io import format_rows, numeric_column, save_csv, save_json
-from .model import RecognizabilityPredictionNetwork
+from .io import format_rows, load_id_vectors, numeric_column, save_csv, save_json
+from .labels import batch_center_similarities, class_index
+from .model import HEAD_INPUTS, RecognizabilityPredictionNetwork, head_features
 from .progress import log, progress
 
 _TABLE = {"data_dir": REQUIRED, "annotations": REQUIRED, "path_col_name": "path", "ccs_col_name": "ccs",
-          "ccas_col_name": "ccas", "batch_size": 64}
+          "ccas_col_name": "ccas", "label_col_name": "subject_id", "batch_size": 64}
+# [degrade]: fresh degradations every epoch, labelled online by the frozen deployed encoder (kinds = [] : off)
+DEGRADE_DEFAULTS: dict[str, Any] = {"kinds": [], "stack": 1, "severity": [0.3, 1.0], "p_clean": 0.25,
+                                    "centers_path": "", "save_labels": False}
 SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
     "model_path": REQUIRED,
@@ -57,10 +62,12 @@ SCHEMA: dict[str, Any] = {
     "freeze_backbone": False,  # train the heads only, backbone in eval mode (CR-FIQA-style ablation)
     "head_init": "xavier",  # "xavier" (paper) or "ridge": linear heads start at the ridge fit on the features
     "head_init_l2": 1e-3,  # ridge penalty, relative to the mean squared feature norm
+    "head_input": "raw",  # "raw" (paper): heads on z; "unit_lognorm": heads on [z / |z|, log |z|]
     "on_bad_image": "error",  # "error" | "skip"
     "aug": dict(AUG_DEFAULTS),
     "data": dict(_TABLE),
-    "val": {**_TABLE, "annotations": ""},  # annotations = "" disables validation
+    "val": {**_TABLE, "data_dir": "", "annotations": ""},  # annotations = "" disables validation
+    "degrade": dict(DEGRADE_DEFAULTS),
     "opt": {"optimizer": "AdamW", "lr": 1e-6, "weight_decay": 1e-4, "milestones": [300], "gamma": 0.5,
             "loss_func": "MSE", "num_epochs": 500, "momentum": 0.9},
     "env": {"dist_url": "env://", "backend": "auto", "timeout_s": 1800},  # timeout_s: the longest wait in a collective
@@ -89,8 +96,15 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
         raise bad("head_init", cfg["head_init"], "expected 'xavier' or 'ridge'")
     if cfg["head_init"] == "ridge" and cfg["head_hidden"]:
         raise bad("head_init", cfg["head_init"], "the ridge start needs linear heads (head_hidden = 0)")
+    if cfg["head_input"] not in HEAD_INPUTS:
+        raise bad("head_input", cfg["head_input"], f"expected one of {', '.join(HEAD_INPUTS)}")
+    if opt["num_epochs"] == 0 and cfg["head_init"] != "ridge":
+        raise bad("opt.num_epochs", 0, "0 epochs (the ridge predictor alone) needs head_init = 'ridge'")
+    _check_degrade(cfg["degrade"], bad)
+    if cfg["val"]["annotations"] and not cfg["val"]["data_dir"]:
+        raise bad("val.data_dir", "", "validation annotations need their image folder")
     positive = {"save_per_epoch": cfg["save_per_epoch"], "grad_accum_steps": cfg["grad_accum_steps"],
-                "embedding_size": cfg["embedding_size"], "opt.num_epochs": opt["num_epochs"],
+                "embedding_size": cfg["embedding_size"], "opt.num_epochs": opt["num_epochs"] or 1,
                 "data.batch_size": cfg["data"]["batch_size"], "val.batch_size": cfg["val"]["batch_size"]}
     for key, value in positive.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -106,6 +120,28 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
     for key in ("lr", "weight_decay", "gamma", "momentum"):
         if not isinstance(opt[key], (int, float)) or opt[key] < 0 or (key == "lr" and opt[key] == 0):
             raise bad(f"opt.{key}", opt[key], "expected a non-negative number" + (" > 0" if key == "lr" else ""))
+
+
+def _check_degrade(deg: dict[str, Any], bad) -> None:
+    """The ``[degrade]`` table's values (only when ``kinds`` is not empty: the table is on)."""
+    kinds = deg["kinds"]
+    if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+        raise bad("degrade.kinds", kinds, "expected a list of degradation names")
+    if not kinds:
+        return
+    unknown = [k for k in kinds if k not in DEGRADATIONS]
+    if unknown or len(set(kinds)) != len(kinds):
+        raise bad("degrade.kinds", kinds, f"expected distinct names from {', '.join(DEGRADATIONS)}")
+    if not isinstance(deg["stack"], int) or isinstance(deg["stack"], bool) or not 1 <= deg["stack"] <= len(kinds):
+        raise bad("degrade.stack", deg["stack"], f"expected an integer from 1 to {len(kinds)} (the number of kinds)")
+    sev = deg["severity"]
+    if (not isinstance(sev, list) or len(sev) != 2 or not all(isinstance(v, (int, float)) for v in sev)
+            or not 0 <= sev[0] <= sev[1] <= 1):
+        raise bad("degrade.severity", sev, "expected [lo, hi] with 0 <= lo <= hi <= 1")
+    if not isinstance(deg["p_clean"], (int, float)) or not 0 <= deg["p_clean"] <= 1:
+        raise bad("degrade.p_clean", deg["p_clean"], "expected a probability in [0, 1]")
+    if not deg["centers_path"]:
+        raise bad("degrade.centers_path", "", "the online labels need class centers (a generate.py *_centers.npz)")
 
 
 def read_targets(table: dict[str, Any]) -> tuple[list[str], np.ndarray]:
@@ -127,7 +163,49 @@ def build_model(cfg: dict[str, Any], device: torch.device) -> RecognizabilityPre
     backbone = load_backbone(cfg["backbone_type"], cfg["model_path"]).to(device)
     check_embedding_size(backbone, cfg["embedding_size"], cfg["aug"]["crop_dim"], cfg["model_path"])
     return RecognizabilityPredictionNetwork(backbone, cfg["embedding_size"], cfg["head_hidden"],
-                                            cfg["freeze_backbone"]).to(device)
+                                            cfg["freeze_backbone"], cfg["head_input"]).to(device)
+
+
+class OnlineLabels:
+    """CCS / NNCCS / CCAS (eq. 4-6) of the frames the predictor sees, measured by the frozen deployed
+    encoder against fixed class centers (``train.py [degrade]``).
+
+    With a frozen predictor backbone (the deployed encoder itself) the labels come from the same
+    pass that feeds the heads; end to end, ``encoder`` is a separate frozen copy (one extra forward,
+    no backward)."""
+
+    def __init__(self, cfg: dict[str, Any], device: torch.device, encoder: nn.Module | None):
+        path = cfg["degrade"]["centers_path"]
+        self.center_ids, centers = load_id_vectors(path)
+        if centers.ndim != 2 or centers.shape[1] != cfg["embedding_size"]:
+            raise TransfiraError(f"{path}: centers have shape {centers.shape}, expected [C, {cfg['embedding_size']}]")
+        if len(self.center_ids) < 2:
+            raise TransfiraError(f"{path}: NNCCS needs at least two class centers, found {len(self.center_ids)}")
+        self.unit_centers = nn.functional.normalize(torch.from_numpy(np.asarray(centers, np.float32)), dim=1).to(device)
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor, features: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(targets [B, 2] = (CCS, CCAS), nnccs [B])``; ``features``: the deployed encoder's
+        embeddings of ``images`` when already computed."""
+        if features is None:
+            features = self.encoder(images)
+        ccs, nnccs = batch_center_similarities(features.flatten(1).float(), classes.to(features.device),
+                                               self.unit_centers)
+        return torch.stack([ccs, ccs - nnccs], 1), nnccs
+
+
+def read_identities(table: dict[str, Any], center_ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Image paths and each image's row in the centers (``[data]`` with ``[degrade]``: no label columns)."""
+    csv = Path(table["annotations"])
+    cols = [table["path_col_name"], table["label_col_name"]]
+    frame = read_annotations(csv, cols)
+    try:
+        classes = class_index(frame[cols[1]].to_numpy(), center_ids)
+    except TransfiraError as err:
+        raise TransfiraError(f"{csv}: column '{cols[1]}': {err} (degrade.centers_path)") from None
+    return frame[cols[0]].astype(str).tolist(), classes
 
 
 def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, l2: float) -> torch.Tensor:
@@ -147,7 +225,8 @@ def ridge_fit(features: np.ndarray, targets: np.ndarray, l2: float = 1e-3) -> np
 
 @torch.inference_mode()
 def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageDataset, batch_size: int,
-                     num_workers: int, info: dist_utils.DistInfo, l2: float = 1e-3, policy: str = "skip") -> None:
+                     num_workers: int, info: dist_utils.DistInfo, l2: float = 1e-3, policy: str = "skip",
+                     labels: OnlineLabels | None = None) -> None:
     """Start the linear heads at the ridge regression of (CCS, CCAS) on the encoder's features.
 
     Xavier-initialized heads on raw embeddings (norm ~20-70) start with outputs far outside
@@ -156,6 +235,8 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
     processes, and solves ``(X^T X + l2 * mean|z|^2 * N * I) w = X^T y`` (bias unpenalized).
     Unreadable images are left out (``policy = "skip"``) or stop every rank naming them
     (``"error"``); an exception on any rank stops all of them (:func:`dist_utils.raise_agreed`).
+    The regression is on what the heads see (:func:`~transfira.model.head_features`); with
+    ``labels`` (``[degrade]``) the targets are the online labels of the current epoch's frames.
     """
     sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=False)
     loader = make_loader(dataset, batch_size, num_workers, sampler=sampler, persistent=False)
@@ -171,10 +252,12 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
         keep, error = bad_images(batch, policy)
         if error is None:
             skipped += int((~keep).sum())
-            z = model.backbone(batch["image"][keep].to(info.device)).flatten(1).double()
+            z = model.backbone(batch["image"][keep].to(info.device)).flatten(1)
+            targets = batch["target"][keep] if labels is None else labels(None, batch["class"][keep], z)[0]
+            z = head_features(z.float(), model.head_input).double()
             x = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1)
             xtx.add_(x.T @ x)
-            xty.add_(x.T @ batch["target"][keep].to(info.device).double())
+            xty.add_(x.T @ targets.to(info.device).double())
         return error
 
     each_batch(loader, "ridge head init", accumulate, disable=not info.is_main)
@@ -339,14 +422,15 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the training job
 
 def train(cfg: dict[str, Any] | None, resume: str | Path | None = None, max_steps: int | None = None,
-          config_path: str = "config") -> Path:
+          config_path: str = "config", overwrite: bool = False) -> Path:
     """Train the predictor as configured (see :data:`SCHEMA`); return the run directory.
 
     ``resume`` (run directory or resume file) continues a run from its last saved step,
     skipping the batches already done in that epoch. ``max_steps`` stops after that many
     optimizer steps (counted over the whole run) without writing anything more, as if the
     job were killed there: for smoke tests and for testing resume. With ``cfg = None`` the
-    configuration stored in the resume file is used.
+    configuration stored in the resume file is used. A run directory that already holds a run
+    is refused unless ``overwrite`` (or the run is resumed).
     """
     state = read_state(resume_path(resume), "resume file") if resume is not None else None
     if cfg is None:
@@ -361,20 +445,26 @@ def train(cfg: dict[str, Any] | None, resume: str | Path | None = None, max_step
         raise TransfiraError(f"{config_path}: amp = '{amp}' needs a CUDA device (device is {device}); set amp = 'none'")
     info = dist_utils.init_distributed(device, cfg["env"]["backend"], cfg["env"]["dist_url"], cfg["env"]["timeout_s"])
     try:
-        return _train(cfg, info, amp, state, resume, max_steps)
+        return _train(cfg, info, amp, state, resume, max_steps, overwrite)
     finally:
         dist_utils.cleanup()
 
 
 def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict[str, Any] | None,
-           resume: str | Path | None, max_steps: int | None) -> Path:
+           resume: str | Path | None, max_steps: int | None, overwrite: bool = False) -> Path:
     device, opt_cfg = info.device, cfg["opt"]
     seed_everything(cfg["seed"])
 
-    # data
-    train_paths, train_targets = read_targets(cfg["data"])
-    train_set = ImageDataset(cfg["data"]["data_dir"], train_paths, build_transform(cfg["aug"]), train_targets,
-                             hflip_p={**AUG_DEFAULTS, **cfg["aug"]}["hflip_p"], seed=cfg["seed"])
+    # data: fixed frames with label columns, or fresh degradations labelled online ([degrade])
+    labels = OnlineLabels(cfg, device, None) if cfg["degrade"]["kinds"] else None
+    if labels is None:
+        train_paths, train_targets = read_targets(cfg["data"])
+        train_set = ImageDataset(cfg["data"]["data_dir"], train_paths, build_transform(cfg["aug"]), train_targets,
+                                 hflip_p={**AUG_DEFAULTS, **cfg["aug"]}["hflip_p"], seed=cfg["seed"])
+    else:
+        train_paths, classes = read_identities(cfg["data"], labels.center_ids)
+        train_set = FreshlyDegradedDataset(cfg["data"]["data_dir"], train_paths, build_transform(cfg["aug"]), classes,
+                                           cfg["degrade"], seed=cfg["seed"])
     val_set = None
     if cfg["val"]["annotations"]:
         val_paths, val_targets = read_targets(cfg["val"])
@@ -390,6 +480,8 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
 
     # model, optimizer, schedule
     model = build_model(cfg, device)
+    if labels is not None and not cfg["freeze_backbone"]:  # end to end: the labels need the unchanged encoder
+        labels.encoder = load_backbone(cfg["backbone_type"], cfg["model_path"]).to(device).eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     name = str(opt_cfg["optimizer"]).lower()
     kwargs = {"lr": opt_cfg["lr"], "weight_decay": opt_cfg["weight_decay"]}
@@ -418,10 +510,12 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
         nonlocal writer
         run_dir.mkdir(parents=True, exist_ok=True)
         if state is None:
-            for stale in (run_dir / RESUME_FILE, run_dir / "metrics.csv"):
-                if stale.exists():
-                    warnings.warn(f"{run_dir} already holds a run; starting over (its {stale.name} is replaced)")
-                    stale.unlink()
+            stale = [f for f in (run_dir / RESUME_FILE, run_dir / "metrics.csv") if f.exists()]
+            if stale and not overwrite:
+                raise TransfiraError(f"{run_dir} already holds a run ({stale[0].name}); continue it with "
+                                     f"--resume {run_dir}, or start it again with --overwrite")
+            for old in stale:
+                old.unlink()
         save_json(run_dir / "run_params.json", {**cfg, "world_size": info.world_size, "torch": torch.__version__,
                                                     "resumed_from": str(resume) if resume else None})
         from torch.utils.tensorboard import SummaryWriter
@@ -431,10 +525,11 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
     try:
         _main_does(info, "preparing the run directory", start_run_dir)
         if state is None and cfg["head_init"] == "ridge":
-            ridge_init_heads(model, train_set, batch_size, cfg["num_workers"], info, cfg["head_init_l2"], policy)
+            ridge_init_heads(model, train_set, batch_size, cfg["num_workers"], info, cfg["head_init_l2"], policy,
+                             labels)
         return _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_set, sampler, val_loader,
                      val_set, run_dir, stem, writer, state is None, start_epoch, batches_done, step, counts,
-                     batches_per_epoch, drop_last, max_steps)
+                     batches_per_epoch, drop_last, max_steps, labels)
     finally:
         if writer is not None:
             writer.close()
@@ -443,11 +538,12 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
 class _EpochCounts:
     """This rank's running sums within the current epoch (saved per rank in ``resume.pt``)."""
 
-    def __init__(self, loss_sum: float = 0.0, loss_count: int = 0, skipped: int = 0):
+    def __init__(self, loss_sum: float = 0.0, loss_count: int = 0, skipped: int = 0, rows: list | None = None):
         self.loss_sum, self.loss_count, self.skipped = float(loss_sum), int(loss_count), int(skipped)
+        self.rows = list(rows or [])  # online labels: [index, kinds, severity, pixel_seed, ccs, nnccs] per image
 
     def as_dict(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum, "loss_count": self.loss_count, "skipped": self.skipped}
+        return {"loss_sum": self.loss_sum, "loss_count": self.loss_count, "skipped": self.skipped, "rows": self.rows}
 
 
 def _main_does(info: dist_utils.DistInfo, what: str, fn) -> None:
@@ -468,7 +564,8 @@ def _min_batch(model: nn.Module) -> int:
 
 def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_set, sampler, val_loader, val_set,
           run_dir: Path, stem: str, writer, fresh: bool, start_epoch: int, batches_done: int, step: int,
-          counts: _EpochCounts, batches_per_epoch: int, drop_last: bool, max_steps: int | None) -> Path:
+          counts: _EpochCounts, batches_per_epoch: int, drop_last: bool, max_steps: int | None,
+          labels: OnlineLabels | None = None) -> Path:
     """The epochs of :func:`train`. Every step ends with one agreement over all ranks (see below)."""
     main, device, opt_cfg, batch_size = info.is_main, info.device, cfg["opt"], cfg["data"]["batch_size"]
     accum, policy = cfg["grad_accum_steps"], cfg["on_bad_image"]
@@ -519,8 +616,28 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
             log(text)
         _main_does(info, "writing metrics", write)
 
+    def save_checkpoint(epoch: int) -> None:
+        dist_utils.broadcast_buffers(model)  # the checkpoint holds rank 0's BatchNorm statistics
+        _main_does(info, "writing the checkpoint", lambda: save_predictor(
+            run_dir / f"{stem}_{epoch:04}.pt", model, heads_only=cfg["freeze_backbone"]))
+
+    def save_online_labels(epoch: int) -> None:
+        ranks = dist_utils.gather_objects(counts.rows)
+
+        def write() -> None:
+            table = pd.DataFrame([r for rows in ranks for r in rows],
+                                 columns=["index", "kinds", "severity", "seed", "ccs", "nnccs"])
+            table = table.drop_duplicates("index").sort_values("index")  # DistributedSampler pads the shards
+            table.insert(0, "path", [train_set.paths[i] for i in table["index"]])
+            save_csv(table.drop(columns="index").assign(ccas=table["ccs"] - table["nnccs"]),
+                     run_dir / f"online_labels_epoch{epoch:04}.csv")
+        _main_does(info, "writing the online labels", write)
+
     if fresh:
-        validate(0, None, None)  # the starting point: the untrained heads
+        validate(0, None, None)  # the starting point: the untrained (or ridge-started) heads
+        if not opt_cfg["num_epochs"]:  # the ridge predictor alone
+            save_checkpoint(0)
+            return run_dir
     min_batch = _min_batch(model.train())
     epochs = progress(range(start_epoch, opt_cfg["num_epochs"]), desc="epochs", disable=not main,
                       initial=start_epoch, total=opt_cfg["num_epochs"])
@@ -544,7 +661,8 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
                 error = f"loading a batch: {describe(err)}"
             sync = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
             with ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext():
-                loss, used, error, saved = _forward(ddp, model, batch, error, policy, min_batch, loss_fn, device, amp)
+                loss, used, error, saved = _forward(ddp, model, batch, error, policy, min_batch, loss_fn, device, amp,
+                                                    labels, counts.rows if cfg["degrade"]["save_labels"] else None)
                 # the one agreement of the step: errors, images used, non-finite losses, on every rank
                 n_err, n_total, n_nonfinite = dist_utils.agree(
                     [error is not None, used, loss is not None and not bool(torch.isfinite(loss))])
@@ -581,12 +699,13 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
         scheduler.step()
         loss_sum, loss_count, skipped = dist_utils.agree([counts.loss_sum, counts.loss_count, counts.skipped])
         epoch_loss = loss_sum / max(loss_count, 1) if loss_count else math.nan
-        counts = _EpochCounts()
         done = epoch + 1
+        if cfg["degrade"]["save_labels"]:
+            save_online_labels(done)
+        counts = _EpochCounts()
         epochs.set_postfix(loss=f"{epoch_loss:.5f}")
         if done % cfg["save_per_epoch"] == 0 or done == opt_cfg["num_epochs"]:
-            dist_utils.broadcast_buffers(model)  # the checkpoint holds rank 0's BatchNorm statistics
-            _main_does(info, "writing the checkpoint", lambda: save_predictor(run_dir / f"{stem}_{done:04}.pt", model))
+            save_checkpoint(done)
             validate(done, epoch_loss, int(skipped))
         elif main:
             writer.add_scalar("train/epoch_loss", epoch_loss, done)
@@ -598,7 +717,8 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
 
 
 def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, error: str | None, policy: str,
-             min_batch: int, loss_fn, device: torch.device, amp: str) -> tuple:
+             min_batch: int, loss_fn, device: torch.device, amp: str, labels: OnlineLabels | None = None,
+             rows: list | None = None) -> tuple:
     """This rank's part of a training step before the agreement: ``(loss, images used, error, saved)``.
 
     The usable images of the batch go forward. With fewer than ``min_batch`` of them (all
@@ -606,6 +726,8 @@ def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, err
     forward with the unreadable ones as blank placeholders (``saved``: the buffers to restore
     after the backward); it is used with weight 0 (0 images), so DDP's gradient all-reduce
     still runs on every rank. An exception becomes ``error`` (nothing is raised here).
+    With ``labels`` (``[degrade]``) the targets are measured online (a frozen backbone's one pass
+    gives both them and the heads' input) and, with ``rows``, recorded there per image.
     """
     if error is not None:
         return None, 0, error, None
@@ -613,17 +735,28 @@ def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, err
         keep, error = bad_images(batch, policy)
         if error is not None:
             return None, 0, error, None
-        images, targets = batch["image"], batch["target"]
         used = int(keep.sum())
-        if used >= min_batch:
-            if used < len(keep):
-                images, targets = images[keep], targets[keep]
-        else:
+        rows_used = keep if 0 < used < len(keep) and used >= min_batch else torch.ones_like(keep)
+        if used < min_batch:
             used = 0
+        batch = {k: v[rows_used] if isinstance(v, torch.Tensor) else [x for x, r in zip(v, rows_used.tolist()) if r]
+                 for k, v in batch.items()}
+        images = batch["image"].to(device, non_blocking=True)
         saved = [b.detach().clone() for b in model.buffers()] if used == 0 else None
+        features = None
+        if labels is None:
+            targets = batch["target"].to(device, non_blocking=True)
+        else:
+            if model.freeze_backbone:  # the deployed encoder itself: one pass for labels and heads
+                with torch.no_grad():
+                    features = model.backbone(images)
+            targets, nnccs = labels(images, batch["class"], features)
+            if rows is not None and used:
+                rows.extend([int(i), k, float(sv), int(sd), float(c), float(n)] for i, k, sv, sd, c, n in zip(
+                    batch["index"].tolist(), batch["kinds"], batch["severity"].tolist(),
+                    batch["pixel_seed"].tolist(), targets[:, 0].tolist(), nnccs.tolist()))
         with _autocast(device, amp):
-            ccs, ccas = ddp(images.to(device, non_blocking=True))
-        targets = targets.to(device, non_blocking=True)
+            ccs, ccas = ddp(images) if features is None else ddp(features=features)
         loss = loss_fn(ccs[:, 0].float(), targets[:, 0]) + loss_fn(ccas[:, 0].float(), targets[:, 1])  # eq. 9
         return loss, used, None, saved
     except Exception as err:  # noqa: BLE001 - reported on every rank by the caller
@@ -662,7 +795,7 @@ def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, 
     if isinstance(ranks, list) and len(ranks) == info.world_size:  # each rank continues from its own state
         mine = ranks[info.rank]
         _set_rng_state(mine["rng"])
-        return _EpochCounts(mine["loss_sum"], mine["loss_count"], mine.get("skipped", 0))
+        return _EpochCounts(mine["loss_sum"], mine["loss_count"], mine.get("skipped", 0), mine.get("rows"))
     _set_rng_state(state["rng"])  # an older resume file, or an epoch end with another number of processes
     if state["batches_done"]:
         return _EpochCounts(state["loss_sum"], state["loss_count"])

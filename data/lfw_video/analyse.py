@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from data.lfw_video.make_protocol import _hash, frame_plan  # noqa: E402
 from transfira import evaluation as ev  # noqa: E402
 from transfira.aggregation import aggregate_variants  # noqa: E402
-from transfira.degradations import degrade  # noqa: E402
+from transfira.degradations import degrade_chain  # noqa: E402
 from transfira.io import save_id_vectors  # noqa: E402
 from transfira.training import ridge_fit  # noqa: E402  (train.py's head_init = "ridge" solve)
 
@@ -201,9 +201,7 @@ def orl_images(orl: Path, seed: int, protocol: dict, subjects: int = 0) -> tuple
             if k > 0 and _hash(seed, "orl-degrade", path) % 2:  # half the probe photos degraded, half clean
                 plan = frame_plan(f"orl/{path}", 1, seed, kinds, protocol["stack"],
                                   (protocol["severity_min"], protocol["severity_max"]))
-                img = canvas
-                for i, kind in enumerate(plan["degradation"].split("+")):
-                    img = degrade(img, kind, plan["severity"], (plan["pixel_seed"] + i) % 2**32)
+                img = degrade_chain(canvas, plan["degradation"].split("+"), plan["severity"], plan["pixel_seed"])
                 versions = [(plan["degradation"], plan["severity"], img)]
             for kind, sev, img in versions:
                 rows.append({"path": path, "subject_id": subject, "role": "gallery" if k == 0 else "probe",

@@ -44,7 +44,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.lfw.make_protocol import _hash, _unit, assign_split, check_kinds_and_split  # noqa: E402  (one hashing scheme for both protocols)
-from transfira.degradations import degrade  # noqa: E402
+from transfira.degradations import degrade_chain  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 KINDS = ("blur", "downscale", "noise", "occlusion", "jpeg", "underexpose", "overexpose", "rotation")
@@ -113,10 +113,9 @@ def render(row, lfw: Path) -> Image.Image:
     """The pixels of one probe frame (clean copy, or the stacked degradations in order)."""
     with Image.open(lfw / "images" / row.source) as img:
         img = img.convert("RGB")
-    if row.degradation != "none":
-        for i, kind in enumerate(row.degradation.split("+")):
-            img = degrade(img, kind, float(row.severity), (int(row.pixel_seed) + i) % 2**32)
-    return img
+    if row.degradation == "none":
+        return img
+    return degrade_chain(img, row.degradation.split("+"), float(row.severity), int(row.pixel_seed))
 
 
 def write_images(tables: dict[str, pd.DataFrame], lfw: Path, out: Path) -> int:
