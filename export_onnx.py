@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model_path", help="ONNX encoder the predictor was trained from")
     parser.add_argument("--checkpoint", help="predictor checkpoint (state dict)")
     parser.add_argument("--embedding_size", type=int, help="encoder output size (default: read from the encoder)")
-    parser.add_argument("--head_hidden", type=int, default=0, help="as in train.py (default 0: linear heads)")
+    parser.add_argument("--head_hidden", type=int, default=None, help=argparse.SUPPRESS)  # read from the checkpoint
     parser.add_argument("--out", default="transfira.onnx", help="output ONNX file (default: transfira.onnx)")
     parser.add_argument("--fp16", action="store_true", help="half-precision weights (float32 input and outputs)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.config:
         predictor = Predictor.from_config(args.config, args.checkpoint, device="cpu")
     elif args.model_path and args.checkpoint:
-        predictor = Predictor.from_files(args.model_path, args.checkpoint, "cpu", args.embedding_size,
-                                         head_hidden=args.head_hidden)
+        predictor = Predictor.from_files(args.model_path, args.checkpoint, "cpu", args.embedding_size)
     else:
         raise TransfiraError("give --config, or --model_path and --checkpoint")
     metadata = export_onnx(predictor.model, predictor.aug, args.out, args.fp16, args.opset)

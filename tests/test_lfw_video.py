@@ -154,8 +154,10 @@ def test_erc_discards_lowest_quality_first():
 @pytest.mark.skipif(not (LFW / "all.csv").is_file() or not MODEL.is_file(), reason=f"needs aligned LFW and models in {SHARED}")
 def test_small_real_run(tmp_path):
     """All stages on ~30 identities with 3-frame clips, one end-to-end step; the rows are consistent."""
-    small = ["protocol.max_ids_train=12", "protocol.max_ids_val=3", "protocol.max_ids_test=14", "protocol.frames=3",
-             "prepare.e2e_train_ids=8", "analyse.bootstrap=20", "analyse.recut=10", "train.save_every_steps=0",
+    small = ["protocol.max_ids_train=12", "protocol.max_photos_train=3", "protocol.max_ids_test=14",
+             "protocol.frames=3", "prepare.e2e_train_ids=4", "analyse.bootstrap=20", "analyse.recut=10",
+             "train.save_every_steps=0", "train.opt.num_epochs=1", "train.data.batch_size=8",
+             "train_e2e.save_every_steps=0", "train_e2e.num_workers=0", "test.quality.serfiq.m=4",
              "generate.num_workers=0", "train.num_workers=0", "test.num_workers=0", "evaluate.fmr=[0.02, 0.1]",
              "analyse.fmr=[0.02, 0.1]", "analyse.orl_subjects=3"]
     cmd = [sys.executable, str(ROOT / "data/lfw_video/run_protocol.py"), "--workdir", str(tmp_path),
@@ -164,8 +166,12 @@ def test_small_real_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads((tmp_path / "analysis" / "results.json").read_text())
     assert r["identities"] == 14 and r["frames"] == 14 * 3
+    assert r["main_predictor"] == "transfira" and {"transfira", "disk_raw", "disk_unit", "e2e"} <= set(r["cut"])
+    assert set(r["orl"]["ranking"]) >= {"norm", "transfira", "e2e"}
+    online = pd.read_csv(tmp_path / "checkpoints" / "transfira" / "online_labels_epoch0001.csv")
+    assert len(online) == len(pd.read_csv(tmp_path / "protocol" / "train_photos.csv"))
     # the e2e rows recomputed by analyse.py equal test.py's templates (one aggregation code path)
-    for variant in ("weight", "filter", "filter_weight"):
+    for variant in ("filter_weight",):
         mine = np.load(tmp_path / "analysis" / f"templates_e2e_{variant}.npz")
         theirs = np.load(tmp_path / "test_results" / f"templates_{variant}.npz")
         order = np.argsort(theirs["ids"])
@@ -174,8 +180,8 @@ def test_small_real_run(tmp_path):
                                    theirs["vectors"][order], rtol=1e-5, atol=1e-5)
     # evaluate.py's TAR (pairs.csv, its own pair code) equals analyse.py's (subject score matrix)
     metrics = pd.read_csv(tmp_path / "evaluation" / "results.csv")
-    for name, key in (("baseline", "baseline"), ("norm_weight", "norm_weight"), ("filter_weight", "e2e_filter_weight"),
-                      ("true_filter_weight", "true_filter_weight")):
+    for name, key in (("baseline", "baseline"), ("norm_weight", "norm_weight"), ("filter_weight", "transfira_filter_weight"),
+                      ("e2e_filter_weight", "e2e_filter_weight"), ("true_filter_weight", "true_filter_weight")):
         got = metrics[metrics["variant"] == name].sort_values("fmr")["tar"].to_numpy()
         np.testing.assert_allclose(got, r["tar"][key]["tar"], atol=1e-9)
     truth = pd.read_csv(tmp_path / "analysis" / "test_probes_scores.csv")

@@ -19,13 +19,12 @@ from torch import nn
 
 from .aggregation import VARIANTS, WEIGHT_EPS, aggregate_variants
 from .backbone import check_embedding_size, load_backbone, resolve_device
-from .checkpoint import load_predictor_checkpoint
+from .checkpoint import build_predictor
 from .config import REQUIRED
 from .data import AUG_DEFAULTS, dataset_from_table, read_annotations
 from .errors import TransfiraError
 from .features import extract_outputs, write_skipped
 from .io import file_fingerprint, pickle_refused, save_csv, save_id_vectors
-from .model import RecognizabilityPredictionNetwork
 from .quality import (QUALITY_SCHEMA, SerFiq, certainty_ratio, embedding_norm, external_scores, image_keys,
                       score_names, score_templates)
 
@@ -281,7 +280,8 @@ class FlipTest(nn.Module):
 
 def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
     """The predictor: architecture from ``predictor_model_path`` (default ``model_path``), weights from
-    ``checkpoint_path`` (``weights_only=True``; the released checkpoint layout loads unchanged)."""
+    ``checkpoint_path`` (``weights_only=True``; the released checkpoint layout loads unchanged). The
+    heads' layout is read from the checkpoint (``head_hidden`` is no longer needed)."""
     checkpoint = cfg["checkpoint_path"]
     if not checkpoint:
         raise TransfiraError("checkpoint_path (the trained predictor) is needed for --predict_scores")
@@ -292,9 +292,7 @@ def load_predictor(cfg: dict[str, Any], device: torch.device) -> nn.Module:
         raise TransfiraError("set predictor_model_path or model_path: the ONNX encoder the predictor was trained from")
     backbone = load_backbone(cfg["backbone_type"], arch)
     check_embedding_size(backbone, cfg["embedding_size"], cfg["aug"]["crop_dim"], arch)
-    predictor = RecognizabilityPredictionNetwork(backbone, cfg["embedding_size"], cfg["head_hidden"])
-    load_predictor_checkpoint(checkpoint, predictor)
-    return predictor.to(device).eval()
+    return build_predictor(backbone, cfg["embedding_size"], checkpoint).to(device).eval()
 
 
 class EncoderAndPredictor(nn.Module):

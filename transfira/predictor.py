@@ -26,11 +26,10 @@ from torch import nn
 
 from .alignment import align_face
 from .backbone import check_embedding_size, embedding_dim, load_backbone, resolve_device
-from .checkpoint import load_predictor_checkpoint
+from .checkpoint import build_predictor
 from .config import read_toml
 from .data import AUG_DEFAULTS, build_transform, load_image
 from .errors import TransfiraError
-from .model import RecognizabilityPredictionNetwork
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 CHANNEL_ORDERS = ("RGB", "BGR")
@@ -109,11 +108,12 @@ class Predictor:
 
     @classmethod
     def from_files(cls, model_path: str | Path, checkpoint_path: str | Path, device: str = "auto",
-                   embedding_size: int | None = None, channel_order: str = "RGB", head_hidden: int = 0,
+                   embedding_size: int | None = None, channel_order: str = "RGB", head_hidden: int | None = None,
                    aug: dict[str, Any] | None = None, batch_size: int = 64, backbone_type: str = "onnx",
                    detector_path: str | Path | None = None, det_threshold: float = 0.5) -> "Predictor":
         """Encoder architecture from ``model_path`` (ONNX), weights from ``checkpoint_path`` (a predictor
-        state dict, read with ``weights_only=True``); ``embedding_size`` None = the encoder's output size.
+        state dict, read with ``weights_only=True``; the heads' layout is read from it, ``head_hidden`` is
+        ignored); ``embedding_size`` None = the encoder's output size.
         ``detector_path``: an SCRFD ONNX model for :meth:`score_photos` (faces with score >= ``det_threshold``)."""
         aug = {**AUG_DEFAULTS, **(aug or {})}
         backbone = load_backbone(backbone_type, model_path)
@@ -121,8 +121,7 @@ class Predictor:
             embedding_size = embedding_dim(backbone, aug["crop_dim"])
         else:
             check_embedding_size(backbone, embedding_size, aug["crop_dim"], model_path)
-        model = RecognizabilityPredictionNetwork(backbone, embedding_size, head_hidden)
-        load_predictor_checkpoint(checkpoint_path, model)
+        model = build_predictor(backbone, embedding_size, checkpoint_path)  # the heads' layout: from the file
         detector = None
         if detector_path:
             from .detection import SCRFD
@@ -136,14 +135,14 @@ class Predictor:
         """From a test.toml (``predictor_model_path`` or ``model_path``, ``checkpoint_path``), a score.toml,
         or a train.toml (``model_path``; the checkpoint is ``checkpoint_path`` or the newest
         ``{checkpoint_outdir}/{run_name}/*.pt``). Keys read: those plus ``embedding_size``,
-        ``head_hidden``, ``device``, ``batch_size``, ``channel_order``, ``detect``, ``det_threshold``, ``[aug]``."""
+        ``device``, ``batch_size``, ``channel_order``, ``detect``, ``det_threshold``, ``[aug]``."""
         raw = read_toml(path)
         model_path = raw.get("predictor_model_path") or raw.get("model_path")
         if not model_path:
             raise TransfiraError(f"{path}: needs model_path (the predictor's ONNX encoder)")
         checkpoint = checkpoint_path or raw.get("checkpoint_path") or _newest_checkpoint(raw, path)
         kwargs = {"device": raw.get("device", "auto"), "embedding_size": raw.get("embedding_size") or None,
-                  "channel_order": raw.get("channel_order", "RGB"), "head_hidden": raw.get("head_hidden", 0),
+                  "channel_order": raw.get("channel_order", "RGB"),
                   "aug": raw.get("aug"), "batch_size": raw.get("batch_size", 64),
                   "backbone_type": raw.get("backbone_type", "onnx"), "detector_path": raw.get("detect") or None,
                   "det_threshold": raw.get("det_threshold", 0.5)}

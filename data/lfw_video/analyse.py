@@ -5,18 +5,21 @@
 Reads ``<workdir>/{protocol,labels,test_results}`` and writes ``<workdir>/analysis/``:
 
 * ``templates_<row>.npz`` (enrol photos + aggregated clips, evaluate.py's format) for the rows
-  computed here: ``norm_weight`` (weights = embedding norm), ``ridge_*`` (frozen features, linear
-  heads = the ridge fit on the end-to-end training subset: what ``head_init = "ridge"`` computes),
-  ``ridge_all_*`` (ridge on all training identities), ``ridge_lognorm_filter_weight`` (log-norm as
-  an extra feature), ``true_*`` (true test labels: the optimistic bound), ``e2e_*`` (test.py's
-  predictions of the fine-tuned predictor, recomputed here so every row goes through one code path);
+  computed here: ``norm_weight`` (weights = embedding norm), ``<name>_*`` for every frozen predictor
+  of the ``[heads]`` table (heads-only checkpoints of train.py, applied to the cached test features:
+  exactly what test.py computes with a frozen backbone), ``disk_raw_*`` / ``disk_unit_*`` (ridge heads
+  fitted on the fixed train frames written to disk, on raw ``z`` / on ``[z/|z|, log|z|]``),
+  ``true_*`` (true test labels: the optimistic bound), ``e2e_*`` (test.py's predictions of the
+  fine-tuned predictor, recomputed here so every row goes through one code path);
 * ``test_probes_scores.csv`` (true labels + every score per test frame), ``test_probes_ccs/ccas.npy``;
 * ``results.md`` / ``results.json``: TAR at ``fmr`` with a **subject bootstrap** (test identities
   resampled with replacement, ``bootstrap`` times; an identity brings its enrol photo and its clip;
   pairs between two copies of one identity are dropped), paired differences vs baseline and vs
   norm, Spearman with true CCS (same bootstrap), 2 x 2 cut agreement, ERC (enrolment photo x frame
   pairs, FNMR at a fixed threshold vs share of frames discarded), per-degradation / per-severity
-  tables, ROC / ERC plots, and the transfer check on AT&T/ORL with the ``recut`` remedy.
+  tables, ROC / ERC plots, the transfer check on AT&T/ORL with the ``recut`` remedy, and the same
+  ranking comparison (Spearman with true CCS against the norm, subject bootstrap) on AT&T/ORL and
+  on the first LFW protocol's test split (``lfw1_labels``: its generate.py outputs), never trained on.
 
 This bootstrap is this script's own (issue #14 fallback); evaluate.py's intervals (issue #10) are
 switched on in evaluate.toml when available and should agree within Monte-Carlo error.
@@ -41,6 +44,7 @@ from transfira import evaluation as ev  # noqa: E402
 from transfira.aggregation import aggregate_variants  # noqa: E402
 from transfira.degradations import degrade_chain  # noqa: E402
 from transfira.io import save_id_vectors  # noqa: E402
+from transfira.model import HEAD_INPUTS  # noqa: E402
 from transfira.training import ridge_fit  # noqa: E402  (train.py's head_init = "ridge" solve)
 
 VARIANTS = ("weight", "filter", "filter_weight")
@@ -51,8 +55,36 @@ def ridge_predict(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float64) @ w[:-1] + w[-1]
 
 
-def log_norm_features(z: np.ndarray) -> np.ndarray:
-    return np.hstack([z, np.log(np.linalg.norm(z, axis=1, keepdims=True))])
+def unit_lognorm(z: np.ndarray) -> np.ndarray:
+    """``[z / |z|, log |z|]``: what heads with ``head_input = "unit_lognorm"`` see (float64)."""
+    norm = np.linalg.norm(np.asarray(z, np.float64), axis=1, keepdims=True)
+    return np.hstack([z / norm, np.log(norm)])
+
+
+def heads_predict(path: str, z: np.ndarray) -> np.ndarray:
+    """[N, 2] (CCS, CCAS) of a heads-only (frozen-encoder) checkpoint on cached encoder features."""
+    import torch
+
+    from transfira.checkpoint import load_predictor_checkpoint, read_predictor_state
+    from transfira.model import RecognizabilityPredictionNetwork, head_layout
+
+    state = read_predictor_state(path)
+    model = RecognizabilityPredictionNetwork(torch.nn.Identity(), z.shape[1], **head_layout(state, z.shape[1]))
+    load_predictor_checkpoint(path, model, state)
+    with torch.no_grad():
+        return torch.cat(model.eval().heads(torch.from_numpy(np.asarray(z, np.float32))), 1).double().numpy()
+
+
+def ranking(scores: dict[str, np.ndarray], true_ccs: np.ndarray, groups: np.ndarray, reps: int, seed: int) -> dict:
+    """Spearman of each score with the true CCS, a subject-bootstrap 95 % interval and the paired
+    difference to the norm (``scores["norm"]``), over images grouped by subject."""
+    rng = np.random.default_rng(seed)
+    uniq, g = np.unique(groups, return_inverse=True)
+    draws = [rng.integers(0, len(uniq), len(uniq)) for _ in range(reps)]
+    boot = {k: np.array(spearman_groups(q, true_ccs, g, draws)) for k, q in scores.items()}
+    return {k: {"spearman": ev.spearman(q, true_ccs), "ci": interval(boot[k]),
+                "delta_norm": ev.spearman(q, true_ccs) - ev.spearman(scores["norm"], true_ccs),
+                "delta_norm_ci": interval(boot[k] - boot["norm"])} for k, q in scores.items()}
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -252,18 +284,18 @@ def main(argv: list[str] | None = None) -> dict:
     enrol_tid = np.array([sub_of_gal[s] for s in subjects])
     probe_tid = np.array([sub_of_probe[s] for s in subjects])
 
-    # scores per test frame
+    # scores per test frame: frozen predictors ([heads]), ridge on the disk frames, end to end (test.py)
     norm = np.linalg.norm(z, axis=1)
-    train = pd.read_csv(lab / "train_probes_labels.csv")
-    zt = np.load(lab / "train_probes_features.npy")
-    e2e_ids = set(pd.read_csv(lab / "train_probes_labels_e2e.csv")["subject_id"])
-    sub_rows = train["subject_id"].isin(e2e_ids).to_numpy()
-    y = train[["ccs", "ccas"]].to_numpy()
-    w_sub = ridge_fit(zt[sub_rows], y[sub_rows], cfg["ridge_l2"])
-    w_all = ridge_fit(zt, y, cfg["ridge_l2"])
-    w_log = ridge_fit(log_norm_features(zt), y, cfg["ridge_l2"])
-    preds = {"ridge": ridge_predict(z, w_sub), "ridge_all": ridge_predict(z, w_all),
-             "ridge_lognorm": ridge_predict(log_norm_features(z), w_log)}
+    heads = dict(cfg.get("heads", {}))
+    preds = {name: heads_predict(path, z) for name, path in heads.items()}
+    ridge = {}
+    if (lab / "train_probes_features.npy").is_file():  # ridge heads on the frames written to disk
+        train = pd.read_csv(lab / "train_probes_labels.csv")
+        zt = np.load(lab / "train_probes_features.npy")
+        y = train[["ccs", "ccas"]].to_numpy()
+        ridge = {"disk_raw": (ridge_fit(zt, y, cfg["ridge_l2"]), HEAD_INPUTS[0]),
+                 "disk_unit": (ridge_fit(unit_lognorm(zt), y, cfg["ridge_l2"]), HEAD_INPUTS[1])}
+        preds.update({k: ridge_predict(z if inp == "raw" else unit_lognorm(z), w) for k, (w, inp) in ridge.items()})
     e2e_path = work / "test_results" / "test_ccs.npy"
     if e2e_path.is_file():
         preds["e2e"] = np.stack([np.load(e2e_path)[:n], np.load(work / "test_results" / "test_ccas.npy")[:n]], 1)
@@ -271,18 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
     fiqa = fiqa_scores(cfg.get("quality_csv", ""), probes["path"])
     scores = probes.assign(**fiqa, norm=norm, **{f"{k}_{c}": v[:, j] for k, v in preds.items() for j, c in enumerate(("ccs", "ccas"))})
     scores.to_csv(out / "test_probes_scores.csv", index=False)
-    main_pred = "e2e" if "e2e" in preds else "ridge"
+    main_pred = next(iter(heads), "e2e" if "e2e" in preds else "disk_raw")
     np.save(out / "test_probes_ccs.npy", preds[main_pred][:, 0].astype(np.float32))
     np.save(out / "test_probes_ccas.npy", preds[main_pred][:, 1].astype(np.float32))
 
     # template rows
-    rows = {"norm": {"ccs": norm, "variants": ["weight"]}, "true": {"ccs": true[:, 0], "ccas": true[:, 1]},
-            "ridge": {"ccs": preds["ridge"][:, 0], "ccas": preds["ridge"][:, 1]},
-            "ridge_all": {"ccs": preds["ridge_all"][:, 0], "ccas": preds["ridge_all"][:, 1]},
-            "ridge_lognorm": {"ccs": preds["ridge_lognorm"][:, 0], "ccas": preds["ridge_lognorm"][:, 1],
-                              "variants": ["filter_weight"]}}
-    if "e2e" in preds:
-        rows["e2e"] = {"ccs": preds["e2e"][:, 0], "ccas": preds["e2e"][:, 1]}
+    rows = {"norm": {"ccs": norm, "variants": ["weight"]}, "true": {"ccs": true[:, 0], "ccas": true[:, 1]}}
+    rows.update({k: {"ccs": v[:, 0], "ccas": v[:, 1], **({} if k == main_pred else {"variants": ["filter_weight"]})}
+                 for k, v in preds.items()})
     rows.update({name: {"ccs": q, "variants": ["weight"]} for name, q in fiqa.items()})  # e.g. serfiq_weight
     templates = templates_for(rows, z, tid_probe, zg, tid_gallery)
     for name, (ids, vecs) in templates.items():
@@ -316,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in quality:
         d = sc_boot[name] - sc_boot["norm"]
         sc[name]["delta_norm_ci"] = interval(d)
+        sc[name]["delta_norm"] = sc[name]["spearman"] - sc["norm"]["spearman"]
     cuts = {k: agreement(v[:, 1], true[:, 1]) for k, v in preds.items()}
     gal_pos = {s: i for i, s in enumerate(gallery["subject_id"])}
     sim = unit(z) @ unit(zg).T  # frame x enrolment photo
@@ -364,13 +393,15 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"fmr": fmrs, "identities": n_sub, "frames": n, "genuine": n_sub, "impostor": n_sub * (n_sub - 1),
               "bootstrap": cfg["bootstrap"], "share_degraded_below_cut": float(np.mean(true[sev > 0, 1] <= 0)),
               "share_all_below_cut": float(np.mean(true[:, 1] <= 0)), "tar": tar, "spearman": sc, "cut": cuts,
-              "erc": erc_rows, "per_kind": per_kind, "per_severity": per_sev, "orl": None,
+              "erc": erc_rows, "per_kind": per_kind, "per_severity": per_sev, "orl": None, "lfw1": None,
               "main_predictor": main_pred, "seconds": round(time.perf_counter() - start, 1)}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     (out / "results.md").write_text(report(result))
     plots(result, mats, fmrs, out)
+    if cfg.get("lfw1_labels") and Path(cfg["lfw1_labels"]).is_dir():  # the first LFW protocol's test split
+        result["lfw1"] = transfer_lfw1(cfg, heads, ridge)
     if not args.skip_orl and cfg.get("orl") and Path(cfg["orl"]).is_dir():  # transfer to AT&T/ORL
-        result["orl"] = transfer_orl(cfg, work, protocol_args, {"ridge": w_sub, "ridge_all": w_all})
+        result["orl"] = transfer_orl(cfg, work, protocol_args, heads, ridge)
         result["seconds"] = round(time.perf_counter() - start, 1)
         (out / "results.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
         (out / "results.md").write_text(report(result))
@@ -379,7 +410,18 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def transfer_orl(cfg: dict, work: Path, protocol: dict, ridge: dict[str, np.ndarray]) -> dict:
+def transfer_lfw1(cfg: dict, heads: dict[str, str], ridge: dict) -> dict:
+    """Spearman with true CCS (its own leave-one-out labels) on the first LFW protocol's test split."""
+    lab = Path(cfg["lfw1_labels"])
+    table = pd.read_csv(lab / "test_labels.csv")
+    z = np.load(lab / "test_features.npy")
+    scores = {"norm": np.linalg.norm(z, axis=1), **{k: heads_predict(p, z)[:, 0] for k, p in heads.items()},
+              **{k: ridge_predict(z if inp == "raw" else unit_lognorm(z), w)[:, 0] for k, (w, inp) in ridge.items()}}
+    return {"images": len(table), "identities": int(table["subject_id"].nunique()),
+            "ranking": ranking(scores, table["ccs"].to_numpy(), table["subject_id"].to_numpy(), 400, cfg["seed"])}
+
+
+def transfer_orl(cfg: dict, work: Path, protocol: dict, heads: dict[str, str], ridge: dict) -> dict:
     """Spearman, cut shares and 2 x 2 agreement of the LFW-trained predictors on AT&T/ORL; the recut remedy."""
     table, images = orl_images(Path(cfg["orl"]), cfg["seed"], protocol, cfg.get("orl_subjects", 0))
     (z,) = embed(cfg["model_path"], images)
@@ -395,11 +437,11 @@ def transfer_orl(cfg: dict, work: Path, protocol: dict, ridge: dict[str, np.ndar
     probes = table[~gal].reset_index(drop=True)
     zp = z[~gal]
     gsim = unit(z[~gal]) @ centers.T
-    preds = {k: ridge_predict(zp, w) for k, w in ridge.items()}
-    ckpt = sorted((work / "checkpoints").rglob("*_0*.pt"))
-    if ckpt:
+    preds = {k: heads_predict(p, zp) for k, p in heads.items()}
+    preds.update({k: ridge_predict(zp if inp == "raw" else unit_lognorm(zp), w) for k, (w, inp) in ridge.items()})
+    if cfg.get("e2e_checkpoint") and Path(cfg["e2e_checkpoint"]).is_file():
         sel = [im for im, g in zip(images, gal) if not g]
-        ccs_p, ccas_p = embed(cfg["model_path"], sel, str(ckpt[-1]), cfg["embedding_size"])
+        ccs_p, ccas_p = embed(cfg["model_path"], sel, cfg["e2e_checkpoint"], cfg["embedding_size"])
         preds["e2e"] = np.stack([ccs_p, ccas_p], 1)
     labelled = np.array([_hash(cfg["seed"], "recut", p, d) % len(probes) for p, d in
                          zip(probes["path"], probes["degradation"])]).argsort()[: cfg["recut"]]
@@ -408,6 +450,8 @@ def transfer_orl(cfg: dict, work: Path, protocol: dict, ridge: dict[str, np.ndar
            "genuine_mean": float(gsim[np.arange(len(own)), own].mean()),
            "impostor_mean": float(gsim[np.arange(len(centers))[None, :] != own[:, None]].mean()),
            "true_pos_share": float(np.mean(ccas > 0)), "norm_spearman": ev.spearman(np.linalg.norm(zp, axis=1), ccs),
+           "ranking": ranking({"norm": np.linalg.norm(zp, axis=1), **{k: v[:, 0] for k, v in preds.items()}}, ccs,
+                              probes["subject_id"].to_numpy(), 400, cfg["seed"]),
            "predictors": {}}
     for k, v in preds.items():
         cut = recut(v[labelled, 1], ccas[labelled])
@@ -416,6 +460,13 @@ def transfer_orl(cfg: dict, work: Path, protocol: dict, ridge: dict[str, np.ndar
                                 "recut_rest": agreement(v[rest, 1], ccas[rest], cut),
                                 "mean_pred_ccas": float(v[:, 1].mean()), "mean_true_ccas": float(ccas.mean())}
     return out
+
+
+def ranking_table(rows: dict) -> str:
+    return md_table(["score", "Spearman [95 %]", "minus norm [95 %]"],
+                    [[k, f"{v['spearman']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]",
+                      f"{v.get('delta_norm', np.nan):+.3f} [{v['delta_norm_ci'][0]:+.3f}, {v['delta_norm_ci'][1]:+.3f}]"]
+                     for k, v in rows.items()])
 
 
 def report(r: dict) -> str:
@@ -438,10 +489,11 @@ def report(r: dict) -> str:
         rows.append(cells)
     lines += [md_table(["row", f"TAR@{f1:g}", f"TAR@{f2:g}", f"- baseline @{f1:g}", f"- baseline @{f2:g}",
                         f"- norm @{f1:g}", f"- norm @{f2:g}"], rows), ""]
-    rows = [[k, f"{v['spearman']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]",
-             f"[{v['delta_norm_ci'][0]:+.3f}, {v['delta_norm_ci'][1]:+.3f}]"] for k, v in r["spearman"].items()]
-    lines += ["Spearman with true CCS (test frames; subject bootstrap):", "",
-              md_table(["score", "Spearman [95 %]", "minus norm [95 %]"], rows), ""]
+    lines += ["Spearman with true CCS (test frames; subject bootstrap):", "", ranking_table(r["spearman"]), ""]
+    if r.get("lfw1"):
+        lines += [f"First LFW protocol, test split ({r['lfw1']['images']} images of {r['lfw1']['identities']} identities, "
+                  "never trained on; its own leave-one-out labels): Spearman with true CCS", "",
+                  ranking_table(r["lfw1"]["ranking"]), ""]
     for fmr, e in r["erc"].items():
         lines += [f"ERC at FMR {float(fmr):g} (enrolment photo x frame pairs, threshold {e['threshold']:.4f}): "
                   "FNMR after discarding 0 / 20 / 40 % of frames, area over [0, 0.8]", ""]
@@ -463,7 +515,7 @@ def report(r: dict) -> str:
     if o:
         lines += [f"AT&T/ORL transfer: {o['probes']} probes ({o['centers']} enrolment photos), genuine cosine "
                   f"{o['genuine_mean']:.3f}, impostor {o['impostor_mean']:.3f}; true CCAS > 0: {o['true_pos_share']:.1%}; "
-                  f"Spearman(norm, CCS) {o['norm_spearman']:.3f}.", ""]
+                  f"Spearman(norm, CCS) {o['norm_spearman']:.3f}.", "", ranking_table(o["ranking"]), ""]
         rows = []
         for k, v in o["predictors"].items():
             c0, cr0, cr = v["cut0"], v["cut0_rest"], v["recut_rest"]
@@ -483,7 +535,8 @@ def plots(r: dict, mats: dict[str, np.ndarray], fmrs: list[float], out: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.2, 3.2), dpi=90)
-    for name in ("baseline", "norm_weight", "ridge_filter_weight", "e2e_filter_weight", "true_filter_weight"):
+    for name in ("baseline", "norm_weight", f"{r['main_predictor']}_filter_weight", "e2e_filter_weight",
+                 "true_filter_weight"):
         if name not in mats:
             continue
         m = mats[name]

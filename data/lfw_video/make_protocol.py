@@ -18,6 +18,10 @@ path), never global state or file order, so the same arguments give the same CSV
 * Every split is in gallery / probe form (SPEC eq. 2: centers from the clean enrolment photos
   only): ``<split>_gallery.csv`` (path, subject_id) and ``<split>_probes.csv`` (path,
   subject_id, degradation, severity, source, clip, frame).
+* ``train_photos.csv`` (path relative to ``<lfw>/images``, subject_id): every non-enrolment photo of
+  the train identities (at most ``--max-photos-train`` each, gallery-hash order), undegraded: the
+  input of ``train.py [degrade]``, which draws fresh degradations every epoch and labels them online
+  against the train enrolment photos' centers.
 * Test templates: enrol template ``2k`` = the enrolment photo, probe template ``2k+1`` = the
   clip (one clip per test identity with the default ``--clips-test 1``; further clips get
   their own probe ids, ``2k+1`` for the first). ``test.csv`` = probe frames (rows of
@@ -85,6 +89,10 @@ def build_tables(photos: pd.DataFrame, args: argparse.Namespace) -> dict[str, pd
                         row.update(frame_plan(source, f, args.seed, args.kinds, args.stack,
                                               (args.severity_min, args.severity_max)))
                     probes.append(row)
+        if split == "train":
+            cap = getattr(args, "max_photos_train", 0) or None
+            tables["train_photos"] = pd.concat([g.iloc[1:][["path", "subject_id"]].iloc[:cap]
+                                                for _, g in part.groupby("subject_id", sort=True)], ignore_index=True)
         tables[f"{split}_gallery"] = pd.DataFrame(gallery, columns=["path", "subject_id", "source"])
         tables[f"{split}_probes"] = pd.DataFrame(probes, columns=["path", "subject_id", "degradation", "severity",
                                                                    "source", "clip", "frame", "u", "pixel_seed"])
@@ -145,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="45,5,50", help="train,val,test shares of the identities in percent")
     for s in SPLITS:
         p.add_argument(f"--max-ids-{s}", type=int, default=0, help=f"keep this many {s} identities, hash order (0: all)")
+    p.add_argument("--max-photos-train", type=int, default=0,
+                   help="at most this many non-enrolment photos per train identity in train_photos.csv (0: all)")
     p.add_argument("--clips-train", type=int, default=1, help="clips per train identity (one per non-enrolment photo)")
     p.add_argument("--clips-val", type=int, default=1)
     p.add_argument("--clips-test", type=int, default=1)
@@ -175,14 +185,16 @@ def main(argv: list[str] | None = None) -> dict:
     tables = build_tables(pd.read_csv(lfw / "all.csv")[["path", "subject_id"]], args)
     test, templates, pairs = make_test_templates(tables["test_gallery"], tables["test_probes"])
     out.mkdir(parents=True, exist_ok=True)
+    photos = tables.pop("train_photos")
     written = write_images(tables, lfw, out / "images")
     clips = test[test["frame"] >= 0]  # the probe frames with their template ids: test.py's input
-    for name, table in {**tables, "test": test, "test_clips": clips, "templates": templates, "pairs": pairs}.items():
+    for name, table in {**tables, "test": test, "test_clips": clips, "templates": templates, "pairs": pairs,
+                        "train_photos": photos}.items():
         table.to_csv(out / f"{name}.csv", index=False)
     disk = sum((out / "images" / path).stat().st_size for table in tables.values() for path in table["path"])
     summary = {"args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "shares"},
                **{f"{s}_identities": int(tables[f"{s}_gallery"]["subject_id"].nunique()) for s in SPLITS},
-               **{f"{s}_frames": len(tables[f"{s}_probes"]) for s in SPLITS},
+               **{f"{s}_frames": len(tables[f"{s}_probes"]) for s in SPLITS}, "train_photos": len(photos),
                "templates": len(templates), "genuine_pairs": int(pairs["label"].sum()),
                "impostor_pairs": int((pairs["label"] == 0).sum()), "images_written": written, "disk_bytes": disk}
     (out / "protocol.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -48,23 +48,34 @@ def relocate(value: Any, old: str, new: str) -> Any:
     return value
 
 
+def train_runs(configs: dict[str, dict]) -> list[str]:
+    """The training configs: ``train`` (the recipe) and the ablation runs ``train_<name>``, in name order."""
+    return ["train"] + sorted(k for k in configs if k.startswith("train_"))
+
+
+def final_checkpoint(train: dict[str, Any]) -> Path:
+    epochs = train["opt"]["num_epochs"]
+    return Path(train["checkpoint_outdir"]) / train["run_name"] / f"{Path(train['model_path']).stem}_{epochs:04}.pt"
+
+
 def load_configs(config_dir: Path, workdir: str | None, overrides: list[str]) -> tuple[dict[str, dict], str]:
-    """Stage configs with overrides applied; the work dir is analyse.toml's ``workdir``."""
-    configs = {s: tomllib.loads((config_dir / f"{s}.toml").read_text()) for s in STAGES}
+    """Stage configs with overrides applied; the work dir is analyse.toml's ``workdir``. Besides one
+    TOML per stage, ``train_<name>.toml`` files are further training runs of the train stage."""
+    names = list(STAGES) + sorted(p.stem for p in config_dir.glob("train_*.toml"))
+    configs = {s: tomllib.loads((config_dir / f"{s}.toml").read_text()) for s in names}
     default = configs["analyse"]["workdir"].rstrip("/")
     workdir = (workdir or default).rstrip("/")
     configs = {s: relocate(c, default, workdir) for s, c in configs.items()}
     for text in overrides:
-        stage, keys, value = parse_override(text, STAGES)
+        stage, keys, value = parse_override(text, tuple(names))
         node = configs[stage]
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
-    train = configs["train"]
-    stem = Path(train["model_path"]).stem
-    epochs = train["opt"]["num_epochs"]
-    configs["test"]["checkpoint_path"] = str(Path(train["checkpoint_outdir"]) / train["run_name"] / f"{stem}_{epochs:04}.pt")
-    configs["test"]["head_hidden"] = train.get("head_hidden", 0)
+    if "transfira" in configs["analyse"].get("heads", {}):  # the recipe's run: its last checkpoint
+        configs["analyse"]["heads"]["transfira"] = str(final_checkpoint(configs["train"]))
+    if not configs["test"].get("checkpoint_path"):  # test.py's predictor: the recipe's run unless the config names one
+        configs["test"]["checkpoint_path"] = str(final_checkpoint(configs["train"]))
     return configs, workdir
 
 
@@ -82,15 +93,24 @@ def e2e_identities(subjects: pd.Series, seed: int, limit: int) -> set:
 
 
 def prepare(cfg: dict[str, Any]) -> None:
-    """The end-to-end training subset of the train labels (whole identities in hash order)."""
-    labels = Path(cfg["labels_dir"])
-    train = pd.read_csv(labels / "train_probes_labels.csv")
-    keep = e2e_identities(train["subject_id"], cfg["seed"], cfg["e2e_train_ids"])
-    subset = train[train["subject_id"].isin(keep)]
-    tmp = labels / "train_probes_labels_e2e.csv.tmp"
-    subset.to_csv(tmp, index=False)
-    tmp.replace(labels / "train_probes_labels_e2e.csv")
-    print(f"e2e training subset: {len(keep)} identities / {len(subset)} frames of {len(train)}")
+    """The end-to-end training subset of the train photos (whole identities in hash order; CPU budget)."""
+    photos = pd.read_csv(Path(cfg["protocol_dir"]) / "train_photos.csv")
+    keep = e2e_identities(photos["subject_id"], cfg["seed"], cfg["e2e_train_ids"])
+    subset = photos[photos["subject_id"].isin(keep)]
+    out = Path(cfg["labels_dir"]) / "train_photos_e2e.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subset.to_csv(out.with_name(out.name + ".tmp"), index=False)
+    out.with_name(out.name + ".tmp").replace(out)
+    print(f"e2e training subset: {len(keep)} identities / {len(subset)} photos of {len(photos)}")
+
+
+def train_command(cfg: dict[str, Any], path: Path) -> list[str] | None:
+    """train.py for one run: None when its last checkpoint exists, ``--resume`` when it was interrupted."""
+    if final_checkpoint(cfg).is_file():
+        return None
+    run_dir = final_checkpoint(cfg).parent
+    resume = ["--resume", str(run_dir)] if (run_dir / "resume.pt").is_file() else []
+    return [sys.executable, "train.py", "--config", str(path), *resume]
 
 
 def commands(configs: dict[str, dict], paths: dict[str, Path]) -> dict[str, list[str]]:
@@ -100,7 +120,6 @@ def commands(configs: dict[str, dict], paths: dict[str, Path]) -> dict[str, list
         "calibrate": cli_command(SCRIPTS["calibrate"], configs["calibrate"]),
         "protocol": cli_command(SCRIPTS["protocol"], configs["protocol"]),
         "generate": [py, "generate.py", "--config", str(paths["generate"])],
-        "train": [py, "train.py", "--config", str(paths["train"])],
         "test": [py, "test.py", "--config", str(paths["test"]), "--predict_scores", "--aggregate_features",
                  "--all_variants", "--features_path", features],
         "analyse": [py, SCRIPTS["analyse"], "--config", str(paths["analyse"])],
@@ -138,6 +157,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             print("\n=== [prepare]", flush=True)
             prepare(configs["prepare"])
             code = 0
+        elif stage == "train":
+            code = 0
+            for run in train_runs(configs):
+                cmd = train_command(configs[run], paths[run])
+                print(f"\n=== [train] {run}: " + (" ".join(cmd[1:]) if cmd else "done already"), flush=True)
+                begin = time.perf_counter()
+                code = subprocess.run(cmd, cwd=ROOT).returncode if cmd else 0
+                timings[run] = round(time.perf_counter() - begin, 1)
+                if code:
+                    break
         else:
             print(f"\n=== [{stage}] {' '.join(cmds[stage][1:])}", flush=True)
             code = subprocess.run(cmds[stage], cwd=ROOT).returncode
