@@ -342,9 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
         sc_boot[name] = np.array(spearman_groups(q, true[:, 0], frame_sub, reps[: min(len(reps), 400)]))
         sc[name] = {"spearman": ev.spearman(q, true[:, 0]), "ci": interval(sc_boot[name])}
     for name in quality:
-        d = sc_boot[name] - sc_boot["norm"]
-        sc[name]["delta_norm_ci"] = interval(d)
-        sc[name]["delta_norm"] = sc[name]["spearman"] - sc["norm"]["spearman"]
+        for ref in ("norm", "serfiq"):
+            if ref in quality:
+                sc[name][f"delta_{ref}_ci"] = interval(sc_boot[name] - sc_boot[ref])
+                sc[name][f"delta_{ref}"] = sc[name]["spearman"] - sc[ref]["spearman"]
     cuts = {k: agreement(v[:, 1], true[:, 1]) for k, v in preds.items()}
     gal_pos = {s: i for i, s in enumerate(gallery["subject_id"])}
     sim = unit(z) @ unit(zg).T  # frame x enrolment photo
@@ -463,9 +464,13 @@ def transfer_orl(cfg: dict, work: Path, protocol: dict, heads: dict[str, str], r
 
 
 def ranking_table(rows: dict) -> str:
-    return md_table(["score", "Spearman [95 %]", "minus norm [95 %]"],
-                    [[k, f"{v['spearman']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]",
-                      f"{v.get('delta_norm', np.nan):+.3f} [{v['delta_norm_ci'][0]:+.3f}, {v['delta_norm_ci'][1]:+.3f}]"]
+    refs = [r for r in ("norm", "serfiq") if all(f"delta_{r}_ci" in v for v in rows.values())]
+
+    def delta(v: dict, ref: str) -> str:
+        lo, hi = v[f"delta_{ref}_ci"]
+        return f"{v.get(f'delta_{ref}', np.nan):+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return md_table(["score", "Spearman [95 %]", *(f"minus {r} [95 %]" for r in refs)],
+                    [[k, f"{v['spearman']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]", *(delta(v, r) for r in refs)]
                      for k, v in rows.items()])
 
 
