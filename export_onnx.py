@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a test/score/train TOML giving model_path, checkpoint_path, [aug]")
     parser.add_argument("--model_path", help="ONNX encoder the predictor was trained from")
-    parser.add_argument("--checkpoint", help="predictor checkpoint (state dict)")
+    parser.add_argument("--checkpoint", help="predictor checkpoint (default with --model_path: the one shipped in "
+                                             "pretrained_weights/ for that encoder file)")
     parser.add_argument("--embedding_size", type=int, help="encoder output size (default: read from the encoder)")
     parser.add_argument("--head_hidden", type=int, default=None, help=argparse.SUPPRESS)  # read from the checkpoint
     parser.add_argument("--out", default="transfira.onnx", help="output ONNX file (default: transfira.onnx)")
@@ -33,8 +34,11 @@ def main(argv: list[str] | None = None) -> None:
         predictor = Predictor.from_config(args.config, args.checkpoint, device="cpu")
     elif args.model_path and args.checkpoint:
         predictor = Predictor.from_files(args.model_path, args.checkpoint, "cpu", args.embedding_size)
+    elif args.model_path:
+        predictor = Predictor.pretrained(args.model_path, device="cpu", embedding_size=args.embedding_size)
+        print(f"using the shipped predictor {predictor.source}")
     else:
-        raise TransfiraError("give --config, or --model_path and --checkpoint")
+        raise TransfiraError("give --config, or --model_path (and --checkpoint)")
     metadata = export_onnx(predictor.model, predictor.aug, args.out, args.fp16, args.opset)
     print(f"wrote {args.out}; preprocessing (stored in its metadata):")
     for key, value in metadata.items():

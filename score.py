@@ -2,6 +2,7 @@
 
     python score.py --config configs/score.toml
     python score.py --model_path encoder.onnx --checkpoint predictor.pt --images photos/ --out scores.csv
+    python score.py --model_path ../shared/models/w600k_mbf.onnx --images photos/   # the shipped predictor
     python score.py ... --csv test.csv --data_dir images/ --detect scrfd_500m_bnkps.onnx   # raw photos
 
 Writes path (or the CSV's columns), ccs, ccas, recognizable, error; with --detect one row per
@@ -14,12 +15,14 @@ import argparse
 
 from transfira.config import apply_schema, read_toml
 from transfira.errors import run_cli
+from transfira.predictor import predictor_settings
 from transfira.scoring import SCORE_SCHEMA, run_score
 
 FLAGS = {  # flag: (config key, type, help)
     "model_path": ("model_path", str, "ONNX encoder the predictor was trained from"),
-    "checkpoint": ("checkpoint_path", str, "predictor checkpoint (state dict)"),
-    "images": ("images", str, "folder of images (recursive)"),
+    "checkpoint": ("checkpoint_path", str, "predictor checkpoint (default: the one shipped in pretrained_weights/ "
+                                          "for this encoder file)"),
+    "images": ("images", str, "folder of images (recursive), or one image file"),
     "csv": ("csv", str, "CSV with a path column"),
     "data_dir": ("data_dir", str, "folder the CSV's paths are relative to"),
     "path_col_name": ("path_col_name", str, "path column of the CSV (default: path)"),
@@ -41,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{flag}", type=kind, help=text)
     args = parser.parse_args(argv)
     raw = read_toml(args.config) if args.config else {}
+    if "outdir" in raw or "checkpoint_outdir" in raw:  # a test.toml or train.toml: its predictor, as from_config
+        settings = predictor_settings(raw, args.config)
+        raw = {"model_path": settings["model_path"], "checkpoint_path": str(settings["checkpoint_path"]),
+               "device": settings["device"], "embedding_size": settings["embedding_size"] or 0,
+               "backbone_type": settings["backbone_type"], **({"aug": settings["aug"]} if settings["aug"] else {})}
     given = {key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items() if getattr(args, flag) is not None}
     if "images" in given:
         raw.pop("csv", None)

@@ -108,5 +108,5 @@ def test_fp16_and_printed_metadata(demo_dir, demo_predictor, tmp_path, capsys, p
 
 
 def test_needs_model_and_checkpoint():
-    with pytest.raises(TransfiraError, match="--model_path and --checkpoint"):
+    with pytest.raises(TransfiraError, match=r"--config, or --model_path \(and --checkpoint\)"):
         cli("--out", "x.onnx")

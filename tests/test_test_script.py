@@ -270,7 +270,8 @@ def test_quality_scores_and_score_templates(setup, demo_dir, capsys):
     cli("--config", setup / "quality16.toml", "--predict_scores", "--aggregate_features",
         "--features_path", setup / "quality16" / "features_copy.npy")
     np.testing.assert_allclose(np.load(setup / "quality16" / "test_serfiq.npy"), serfiq, rtol=1e-6)
-    pd.testing.assert_frame_equal(pd.read_csv(setup / "quality16" / "test_quality.csv"), table, rtol=1e-5)
+    # batch 16 vs 64 runs other conv kernels: predictions up to ~6 agree to ~3e-6 absolute
+    pd.testing.assert_frame_equal(pd.read_csv(setup / "quality16" / "test_quality.csv"), table, rtol=1e-5, atol=1e-5)
     # aggregation alone reads test_serfiq.npy; without it, the error says how to make it
     (setup / "quality16" / "test_serfiq.npy").unlink()
     with pytest.raises(TransfiraError, match=r"SER-FIQ scores file not found: .*test_serfiq\.npy"):

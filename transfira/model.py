@@ -76,10 +76,11 @@ class RecognizabilityPredictionNetwork(nn.Module):
         return self
 
     def heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(ccs, ccas)`` from the encoder's embeddings [B, D], in float32."""
+        """``(ccs, ccas)`` from the encoder's embeddings [B, D], in the heads' dtype (float32)."""
         kind = features.device.type
         with torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext():
-            x = head_features(features.flatten(1).float(), self.head_input)
+            dtype = next(self.ccs_layer.parameters()).dtype  # float32 (half only in an fp16 export)
+            x = head_features(features.flatten(1).to(dtype), self.head_input)
             return self.ccs_layer(x), self.ccas_layer(x)
 
     def forward(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None

@@ -105,6 +105,7 @@ class Predictor:
             raise TransfiraError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.detector = detector
+        self.source: Path | None = None  # the checkpoint, when it is a shipped predictor (:meth:`pretrained`)
 
     @classmethod
     def from_files(cls, model_path: str | Path, checkpoint_path: str | Path, device: str = "auto",
@@ -130,24 +131,29 @@ class Predictor:
         return cls(model, aug, device, channel_order, batch_size, detector)
 
     @classmethod
+    def pretrained(cls, model_path: str | Path, **kwargs: Any) -> "Predictor":
+        """The predictor shipped in ``pretrained_weights/`` for this encoder file (matched by its SHA-256,
+        :func:`transfira.pretrained.find_pretrained`), on the file itself; ``kwargs`` as :meth:`from_files`."""
+        from .pretrained import find_pretrained
+
+        shipped = find_pretrained(model_path)
+        predictor = cls.from_files(model_path, shipped.checkpoint, **kwargs)
+        predictor.source = shipped.checkpoint
+        return predictor
+
+    @classmethod
     def from_config(cls, path: str | Path, checkpoint_path: str | Path | None = None, **overrides: Any
                     ) -> "Predictor":
         """From a test.toml (``predictor_model_path`` or ``model_path``, ``checkpoint_path``), a score.toml,
         or a train.toml (``model_path``; the checkpoint is ``checkpoint_path`` or the newest
-        ``{checkpoint_outdir}/{run_name}/*.pt``). Keys read: those plus ``embedding_size``,
+        ``{checkpoint_outdir}/{run_name}/*.pt``; none: the shipped predictor, :meth:`pretrained`). Keys read: those plus ``embedding_size``,
         ``device``, ``batch_size``, ``channel_order``, ``detect``, ``det_threshold``, ``[aug]``."""
-        raw = read_toml(path)
-        model_path = raw.get("predictor_model_path") or raw.get("model_path")
-        if not model_path:
-            raise TransfiraError(f"{path}: needs model_path (the predictor's ONNX encoder)")
-        checkpoint = checkpoint_path or raw.get("checkpoint_path") or _newest_checkpoint(raw, path)
-        kwargs = {"device": raw.get("device", "auto"), "embedding_size": raw.get("embedding_size") or None,
-                  "channel_order": raw.get("channel_order", "RGB"),
-                  "aug": raw.get("aug"), "batch_size": raw.get("batch_size", 64),
-                  "backbone_type": raw.get("backbone_type", "onnx"), "detector_path": raw.get("detect") or None,
-                  "det_threshold": raw.get("det_threshold", 0.5)}
-        kwargs.update(overrides)
-        return cls.from_files(model_path, checkpoint, **kwargs)
+        settings = predictor_settings(read_toml(path), path)
+        model_path, checkpoint = settings.pop("model_path"), settings.pop("checkpoint_path")
+        checkpoint = checkpoint_path or checkpoint
+        if not checkpoint:  # a score config without a checkpoint: the shipped predictor of its encoder
+            return cls.pretrained(model_path, **{**settings, **overrides})
+        return cls.from_files(model_path, checkpoint, **{**settings, **overrides})
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """[B, 3, crop_dim, crop_dim] float32 network input of ``images`` (SPEC §2)."""
@@ -211,6 +217,22 @@ def _as_list(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
                                                          and images.ndim in (2, 3)):
         return [images]
     return list(images)
+
+
+def predictor_settings(raw: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """What a predictor needs from a test.toml, score.toml or train.toml (the one reader for
+    ``Predictor.from_config``, ``score.py --config`` and ``export_onnx.py --config``): ``model_path``
+    (``predictor_model_path`` when set), ``checkpoint_path`` (or a train config's newest checkpoint;
+    empty for a score config without one: the shipped predictor), and the runtime keys."""
+    model_path = raw.get("predictor_model_path") or raw.get("model_path")
+    if not model_path:
+        raise TransfiraError(f"{source}: needs model_path (the predictor's ONNX encoder)")
+    checkpoint = raw.get("checkpoint_path") or (_newest_checkpoint(raw, source) if raw.get("checkpoint_outdir") else "")
+    aug = raw.get("aug") if isinstance(raw.get("aug"), dict) else None
+    return {"model_path": model_path, "checkpoint_path": checkpoint, "device": raw.get("device", "auto"),
+            "embedding_size": raw.get("embedding_size") or None, "channel_order": raw.get("channel_order", "RGB"),
+            "aug": aug, "batch_size": raw.get("batch_size") or 64, "backbone_type": raw.get("backbone_type", "onnx"),
+            "detector_path": raw.get("detect") or None, "det_threshold": raw.get("det_threshold", 0.5)}
 
 
 def _newest_checkpoint(raw: dict[str, Any], source: str | Path) -> Path:

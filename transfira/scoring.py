@@ -33,9 +33,9 @@ from .progress import log, progress
 SCORE_SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
     "model_path": REQUIRED,  # the ONNX encoder the predictor was trained from
-    "checkpoint_path": REQUIRED,  # predictor state dict (backbone.*, ccs_layer.*, ccas_layer.*)
+    "checkpoint_path": "",  # predictor checkpoint; "": the one shipped in pretrained_weights/ for this encoder
     "embedding_size": 0,  # 0: the encoder's output size
-    "head_hidden": 0,
+    "head_hidden": 0,  # ignored: the heads' layout is read from the checkpoint
     "images": "",  # a folder of images (searched recursively) ...
     "csv": "",  # ... or a CSV with a path column (paths relative to data_dir)
     "data_dir": "",
@@ -60,7 +60,7 @@ def list_images(folder: str | Path) -> list[str]:
     """Image files under ``folder`` (by suffix, recursively), as sorted POSIX paths relative to it."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise TransfiraError(f"image folder not found: {folder}")
+        raise TransfiraError(f"images: no such folder or image file: {folder}")
     found = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not found:
@@ -72,6 +72,8 @@ def input_table(cfg: dict[str, Any]) -> tuple[pd.DataFrame, str, Path]:
     """``(frame, path column, data_dir)`` of the images to score: the folder's files or the CSV's rows."""
     if bool(cfg["images"]) == bool(cfg["csv"]):
         raise TransfiraError("give exactly one of images (a folder) and csv (a CSV with a path column)")
+    if cfg["images"] and Path(cfg["images"]).is_file():  # one image file
+        return pd.DataFrame({"path": [Path(cfg["images"]).name]}), "path", Path(cfg["images"]).parent
     if cfg["images"]:
         return pd.DataFrame({"path": list_images(cfg["images"])}), "path", Path(cfg["images"])
     column = cfg["path_col_name"]
@@ -170,9 +172,13 @@ def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[s
     done = done_paths(out, columns, path_col)
     todo = frame[~frame[path_col].isin(done)].reset_index(drop=True)
     if predictor is None:
-        predictor = Predictor.from_files(cfg["model_path"], cfg["checkpoint_path"], cfg["device"],
-                                         cfg["embedding_size"] or None, "RGB", cfg["head_hidden"], cfg["aug"],
-                                         cfg["batch_size"], cfg["backbone_type"])
+        options = dict(device=cfg["device"], embedding_size=cfg["embedding_size"] or None, aug=cfg["aug"],
+                       batch_size=cfg["batch_size"], backbone_type=cfg["backbone_type"])
+        if cfg["checkpoint_path"]:
+            predictor = Predictor.from_files(cfg["model_path"], cfg["checkpoint_path"], **options)
+        else:
+            predictor = Predictor.pretrained(cfg["model_path"], **options)
+            log(f"no checkpoint given: using the shipped predictor {predictor.source} for {cfg['model_path']}")
     if detect and predictor.detector is None:
         from .detection import SCRFD
 
