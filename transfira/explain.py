@@ -169,8 +169,7 @@ class SharedBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.predictor.backbone(images)
-        flat = features.flatten(1)
-        return features, self.predictor.ccs_layer(flat), self.predictor.ccas_layer(flat)
+        return features, *self.predictor.heads(features)
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
