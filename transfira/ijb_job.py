@@ -27,6 +27,7 @@ import pandas as pd
 from .aggregation import VARIANTS, aggregate_media_variants
 from .config import REQUIRED, apply_schema
 from .data import AUG_DEFAULTS
+from .distributed import refuse_torchrun
 from .errors import TransfiraError
 from .io import file_fingerprint, save_csv, save_id_vectors, save_json
 from .progress import log
@@ -222,6 +223,7 @@ def stage_evaluate(cfg: dict[str, Any], outdir: Path) -> Path:
 def run_ijb(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1], force: bool = False
             ) -> dict[str, str]:
     """Run stages ``first`` .. ``last`` (skipping fresh ones unless ``force``); return ``{stage: 'ran'|'skipped'}``."""
+    refuse_torchrun("data/IJB/run_ijb.py")
     from .ijb import META, meta_path
 
     outdir = Path(cfg["outdir"])
