@@ -67,6 +67,49 @@ def test_generate_two_ranks_match_one(demo_dir, tmp_path):
     assert_same_outputs(tmp_path / "ranks1", tmp_path / "ranks2")
 
 
+def test_two_ranks_resume_what_one_process_flushed(demo_dir, tmp_path, monkeypatch):
+    """One process stops in the second batch of ``train`` (the first flushed, row 4 skipped); two ranks
+    finish it (one batch left: rank 1 has none) and give the uninterrupted outputs."""
+    import torch
+
+    from transfira import features, generation
+    from transfira.config import load_config
+
+    tables = generate_tables(demo_dir, tmp_path, bad_rows=(3, 60))
+    tables = {"train": tables["train"]}
+    cfg = {ranks: write_config(tmp_path / f"{ranks}.toml", demo_dir, tmp_path / f"ranks{ranks}", tables,
+                               on_bad_image="skip", device="cpu") for ranks in (1, 2)}
+    run_ok(cfg[1], 1, script="generate.py")
+    monkeypatch.setattr(features, "FLUSH_EVERY", 1)
+    real = generation.load_backbone
+
+    def stops_in_batch_2(*args):
+        net = real(*args)
+        forward = net.forward
+
+        def stopped(x):
+            if len(x) == 40:  # 90 rows: batches of 50 and 40
+                raise KeyboardInterrupt
+            return forward(x)
+
+        net.forward = stopped
+        return net
+
+    monkeypatch.setattr(generation, "load_backbone", stops_in_batch_2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            generation.run_generate(load_config(cfg[2], generation.GENERATE_SCHEMA))
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "ranks2" / "train_features.partial.json").is_file()
+    procs = launch(cfg[2], 2, script="generate.py")
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    assert "resuming at image 51 of 90" in procs[0].stdout + procs[0].stderr
+    assert_same_outputs(tmp_path / "ranks1", tmp_path / "ranks2")
+
+
 def test_unreadable_image_on_rank_1_stops_both(demo_dir, tmp_path):
     tables = generate_tables(demo_dir, tmp_path, bad_rows=(60,))  # row 61: batch 1 of 50 images, rank 1's
     cfg = write_config(tmp_path / "bad.toml", demo_dir, tmp_path / "out", {"train": tables["train"]}, device="cpu")
@@ -87,8 +130,12 @@ def test_test_script_two_ranks_match_one(setup, demo_dir):  # noqa: F811 - the f
     assert_same_outputs(setup / "sharded1", setup / "sharded2")
 
 
-def test_score_py_refuses_torchrun(tmp_path):
-    cfg = tmp_path / "score.toml"
-    cfg.write_text("model_path = 'm.onnx'\ncheckpoint_path = 'p.pt'\ndevice = 'cpu'\n")
-    procs = launch(cfg, 2, script="score.py")
-    assert all(p.returncode == 2 and "score.py runs in one process" in p.stderr for p in procs), procs
+def test_score_py_and_ijb_refuse_torchrun(monkeypatch):
+    from transfira.errors import TransfiraError
+    from transfira.ijb_job import run_ijb
+    from transfira.scoring import run_score
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for run, name in ((run_score, "score.py"), (run_ijb, "run_ijb.py")):
+        with pytest.raises(TransfiraError, match=f"{name} runs in one process"):
+            run({})
