@@ -1,6 +1,6 @@
 """Sharded extraction: generate.py's images/s with 1 and 2 processes under torchrun (Gloo on CPU).
 
-    python benchmarks/bench_sharded.py [--n 2000] [--nproc 1 2] [--device cpu]
+    python benchmarks/bench_sharded.py [--n 2000] [--nproc 1 2] [--device cpu] [--workers 1]
 
 The demo encoder (112x112, 64-D) over ``n`` demo images (the demo train table repeated);
 each setting gets ``cores / nproc`` threads per process. Shown: the extraction rate of rank
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one GPU per process)")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers per process (num_workers)")
     a = p.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,11 +52,11 @@ def main() -> None:
         demo = make_demo(tmp / "demo", seed=0, encoder_steps=20)
         train = pd.read_csv(demo / "train.csv")
         pd.concat([train] * (a.n // len(train) + 1)).head(a.n).to_csv(tmp / "train.csv", index=False)
-        print(f"| processes | threads each | images/s | wall s | load average (1, 5, 15 min) |\n|--:|--:|--:|--:|--|")
+        print("| processes | threads each | images/s | wall s | load average (1, 5, 15 min) |\n|--:|--:|--:|--:|--|")
         for nproc in a.nproc:
             cfg = tmp / f"g{nproc}.toml"
             cfg.write_text(f"model_path = '{demo / 'encoder.onnx'}'\nembedding_size = 64\noutdir = '{tmp / str(nproc)}'\n"
-                           f"batch_size = {a.batch_size}\nnum_workers = 1\ndevice = '{a.device}'\n"
+                           f"batch_size = {a.batch_size}\nnum_workers = {a.workers}\ndevice = '{a.device}'\n"
                            f"[train]\ndata_dir = '{demo / 'images'}'\nannotations = '{tmp / 'train.csv'}'\n")
             load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
             threads = max(1, cores // nproc)

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT
 from test_distributed import launch
 from test_generate import write_config
 from test_test_script import N_IMAGES, quality_config, setup  # noqa: F401 - the module fixture
