@@ -14,6 +14,7 @@ import pytest
 
 from test_distributed import launch
 from test_generate import write_config
+from test_ijb import predictor, release, run_ijb_cli, write_ijb_config  # noqa: F401 - module fixtures
 from test_test_script import N_IMAGES, quality_config, setup  # noqa: F401 - the module fixture
 
 
@@ -129,12 +130,23 @@ def test_test_script_two_ranks_match_one(setup, demo_dir):  # noqa: F811 - the f
     assert_same_outputs(setup / "sharded1", setup / "sharded2")
 
 
-def test_score_py_and_ijb_refuse_torchrun(monkeypatch):
+def test_ijb_features_stage_two_ranks_match_one(release, demo_dir, predictor, tmp_path):  # noqa: F811
+    for ranks in (1, 2):
+        cfg = write_ijb_config(tmp_path / f"{ranks}.toml", release, demo_dir, predictor, tmp_path / f"ijb{ranks}",
+                               batch_size=8)
+        run_ijb_cli("--config", cfg, "--to", "meta")
+        run_ok(cfg, ranks, "--from", "features", "--to", "features", script="data/IJB/run_ijb.py")
+    assert_same_outputs(tmp_path / "ijb1" / "features", tmp_path / "ijb2" / "features")
+    assert run_ijb_cli("--config", cfg, "--from", "features", "--to", "features") == {"features": "skipped"}
+
+
+def test_score_py_and_other_ijb_stages_refuse_torchrun(monkeypatch):
     from transfira.errors import TransfiraError
     from transfira.ijb_job import run_ijb
     from transfira.scoring import run_score
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for run, name in ((run_score, "score.py"), (run_ijb, "run_ijb.py")):
-        with pytest.raises(TransfiraError, match=f"{name} runs in one process"):
-            run({})
+    with pytest.raises(TransfiraError, match="score.py runs in one process"):
+        run_score({})
+    with pytest.raises(TransfiraError, match=r"run_ijb.py runs the features stage alone \(--from features"):
+        run_ijb({}, "meta", "features")
