@@ -93,15 +93,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: Path, world_size: int = 2, *args: str) -> list[subprocess.CompletedProcess]:
-    """``train.py`` as ``world_size`` independent ranks; kill all and fail on a hang."""
+def launch(cfg: Path, world_size: int = 2, *args: str, script: str = "train.py") -> list[subprocess.CompletedProcess]:
+    """``script`` (default ``train.py``) as ``world_size`` independent ranks; kill all and fail on a hang."""
     port = _free_port()
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         env.pop("TRANSFIRA_PROGRESS", None)
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg), *args], cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(cfg), *args], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     try:
@@ -112,7 +112,7 @@ def launch(cfg: Path, world_size: int = 2, *args: str) -> list[subprocess.Comple
         for proc in procs:
             proc.kill()
         tails = [(p.communicate()[1] or "")[-1500:] for p in procs]
-        pytest.fail(f"training hung (rank {rank} still running after {TIMEOUT} s); stderr tails: {tails}")
+        pytest.fail(f"{script} hung (rank {rank} still running after {TIMEOUT} s); stderr tails: {tails}")
     return results
 
 

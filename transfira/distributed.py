@@ -13,10 +13,11 @@ for anything that still escapes (e.g. a rank killed from outside).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,24 @@ def init_distributed(device: torch.device, backend: str = "auto", dist_url: str 
     dist.init_process_group(backend=backend, init_method=dist_url or "env://", world_size=world_size, rank=rank,
                             **({"timeout": timeout} if timeout else {}))
     return DistInfo(rank, world_size, local_rank, device)
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[DistInfo]:
+    """:func:`init_distributed` for a job (generate.py, test.py) that runs alone or under torchrun;
+    leaves the group when the job ends."""
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        cleanup()
+
+
+def refuse_torchrun(what: str) -> None:
+    """One clear error under torchrun for a job that does not shard its images (every rank would
+    write the same files)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TransfiraError(f"{what} runs in one process: start it with python, not torchrun")
 
 
 def _initialized() -> bool:

@@ -17,8 +17,10 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import distributed as dist_utils
 from .data import ImageDataset, make_loader
 from .errors import TransfiraError
 from .io import save_csv, save_json
@@ -57,6 +59,14 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
     value) are those of the interrupted one. With ``with_index`` the model is called as
     ``model(images, index)`` (dataset rows of the batch, on ``device``), for outputs that
     depend on which image it is (e.g. SER-FIQ's per-image dropout masks).
+
+    Under ``torchrun`` (a process group of W ranks) the batches are dealt out in turn: batch
+    k (the same rows as in one process) goes to rank k mod W. After each round of W batches
+    every rank agrees on errors (:func:`distributed.raise_agreed`: an unreadable image or an
+    exception on any rank stops all of them with one message) and rank 0 gathers the rows
+    and alone writes the files and the progress record, so the outputs, their resume point
+    and the skipped list are those of one process (a run resumes with any number of ranks).
+    Ranks other than 0 get no arrays back (an empty dict), only the skipped images.
     """
     names = list(outputs)
     paths = [Path(outputs[k][0]) for k in names]
@@ -66,50 +76,85 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
     info = {"rows": len(dataset), "outputs": [[str(p), list(s)] for p, s in zip(paths, shapes)],
             "paths_hash": hashlib.sha1("\n".join(dataset.paths).encode()).hexdigest(),
             "fingerprint": json.loads(json.dumps(fingerprint))}
-    start, skipped = _resume_point(meta_path, info, partials)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    if start:
-        arrays = [np.load(p, mmap_mode="r+") for p in partials]
-        log(f"{desc}: resuming at image {start + 1} of {len(dataset)}")
-    else:
-        arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=s) for p, s in zip(partials, shapes)]
-    loader = make_loader(torch.utils.data.Subset(dataset, range(start, len(dataset))), batch_size, num_workers)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    start, skipped = dist_utils.broadcast_object(_resume_point(meta_path, info, partials) if rank == 0 else None)
+    arrays = []
+    if rank == 0:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        if start:
+            arrays = [np.load(p, mmap_mode="r+") for p in partials]
+            log(f"{desc}: resuming at image {start + 1} of {len(dataset)}")
+        else:
+            arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=s)
+                      for p, s in zip(partials, shapes)]
+    batches = range(start, len(dataset), batch_size)
+    mine = [i for b in batches[rank::world] for i in range(b, min(b + batch_size, len(dataset)))]
+    loader = iter(make_loader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers))
     model.eval()
+
+    def run(batch: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray], list[dict]]:
+        """This rank's batch: its dataset rows, one array per output, the skipped images."""
+        index = batch["index"].numpy()
+        good = batch["ok"].numpy().astype(bool)
+        bad = []
+        for i in np.flatnonzero(~good):
+            row = int(index[i]) + 1
+            if on_bad_image != "skip":
+                raise TransfiraError(f"unreadable image at row {row}: {batch['error'][i]} "
+                                     "(set on_bad_image = \"skip\" to go on without it)")
+            bad.append({"row": row, "path": dataset.paths[row - 1], "error": batch["error"][i]})
+        images = batch["image"].to(device, non_blocking=True)
+        results = model(images, batch["index"].to(device)) if with_index else model(images)
+        values = []
+        for name, result in zip(names, results if isinstance(results, tuple) else (results,)):
+            value = result.float().reshape(len(index), -1).cpu().numpy()
+            if value.shape[1] != max(outputs[name][1], 1):
+                raise TransfiraError(f"the model gives {value.shape[1]} values per image for '{name}', "
+                                     f"expected {max(outputs[name][1], 1)} (check embedding_size)")
+            finite = np.isfinite(value).all(1)
+            if not finite[good].all():
+                row = int(index[np.flatnonzero(good & ~finite)[0]])
+                raise TransfiraError(f"non-finite {name} for row {row + 1} ({dataset.paths[row]}): "
+                                     "check the model file and the preprocessing")
+            value[~good] = np.nan
+            values.append(value if outputs[name][1] else value[:, 0])
+        return index, values, bad
+
     with progress(total=len(dataset), initial=start, desc=desc, unit="img") as bar:
-        for step, batch in enumerate(loader, 1):
-            index = batch["index"].numpy()
-            good = batch["ok"].numpy().astype(bool)
-            for i in np.flatnonzero(~good):
-                row = int(index[i]) + 1
-                if on_bad_image != "skip":
-                    raise TransfiraError(f"unreadable image at row {row}: {batch['error'][i]} "
-                                         "(set on_bad_image = \"skip\" to go on without it)")
-                log(f"skipping row {row}: {batch['error'][i]}")
-                skipped.append({"row": row, "path": dataset.paths[row - 1], "error": batch["error"][i]})
-            images = batch["image"].to(device, non_blocking=True)
-            results = model(images, batch["index"].to(device)) if with_index else model(images)
-            for name, array, result in zip(names, arrays, results if isinstance(results, tuple) else (results,)):
-                values = result.float().reshape(len(index), -1).cpu().numpy()
-                if values.shape[1] != max(outputs[name][1], 1):
-                    raise TransfiraError(f"the model gives {values.shape[1]} values per image for '{name}', "
-                                         f"expected {max(outputs[name][1], 1)} (check embedding_size)")
-                finite = np.isfinite(values).all(1)
-                if not finite[good].all():
-                    row = int(index[np.flatnonzero(good & ~finite)[0]])
-                    raise TransfiraError(f"non-finite {name} for row {row + 1} ({dataset.paths[row]}): "
-                                         "check the model file and the preprocessing")
-                values[~good] = np.nan
-                array[index] = values if array.ndim == 2 else values[:, 0]
-            bar.update(len(index))
-            if step % FLUSH_EVERY == 0:
+        for step in range(1, -(-len(batches) // world) + 1):
+            if world == 1:
+                parts = [run(next(loader))]
+            else:
+                part = error = None
+                try:
+                    batch = next(loader, None)
+                    part = run(batch) if batch is not None else None
+                except Exception as err:  # noqa: BLE001 - reported on every rank below
+                    from .training import describe
+
+                    error = describe(err)
+                dist_utils.raise_agreed(error, desc)
+                parts = [p for p in dist_utils.gather_objects(part) if p is not None]
+            for index, values, bad in parts:
+                for image in bad:
+                    log(f"skipping row {image['row']}: {image['error']}")
+                skipped.extend(bad)
+                for array, value in zip(arrays, values):
+                    array[index] = value
+                bar.update(len(index))
+            if rank == 0 and step % FLUSH_EVERY == 0:
                 for array in arrays:
                     array.flush()
-                save_json(meta_path, {**info, "rows_done": int(index[-1]) + 1, "skipped": skipped})
+                save_json(meta_path, {**info, "rows_done": int(parts[-1][0][-1]) + 1, "skipped": skipped})
+    if rank:
+        dist_utils.barrier()  # rank 0 has renamed the outputs
+        return {}, skipped
     for array, partial, path in zip(arrays, partials, paths):
         array.flush()
         del array
         partial.replace(path)
     meta_path.unlink(missing_ok=True)
+    dist_utils.barrier()
     return {name: np.load(path, mmap_mode="r") for name, path in zip(names, paths)}, skipped
 
 

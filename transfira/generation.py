@@ -3,6 +3,8 @@
 Tables are processed in dependency order: every ``*_gallery`` first (centers only), then
 standalone tables (centers from themselves, then labels), then ``*_probes`` (labelled
 against the centers of the matching gallery). See SPEC §2-3 for names and outputs.
+All tables are embedded first (under ``torchrun`` by every rank, see
+:func:`features.extract_outputs`); centers and labels are then computed once, by rank 0.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import distributed as dist_utils
 from .backbone import check_embedding_size, load_backbone, resolve_device
 from .config import REQUIRED
 from .data import AUG_DEFAULTS, dataset_from_table, read_annotations
@@ -66,46 +69,58 @@ def run_generate(config: dict[str, Any], allow_pickle: bool = False) -> dict[str
     outdir = Path(config["outdir"])
     outdir.mkdir(parents=True, exist_ok=True)
     frames = {name: _read_table(name, config[name]) for name in tables}  # fail early on bad CSVs
-    device = resolve_device(config["device"])
-    backbone = load_backbone(config["backbone_type"], config["model_path"]).to(device).eval()
-    check_embedding_size(backbone, config["embedding_size"], config["aug"]["crop_dim"], config["model_path"])
+    with dist_utils.process_group(resolve_device(config["device"])) as info:
+        backbone = load_backbone(config["backbone_type"], config["model_path"]).to(info.device).eval()
+        check_embedding_size(backbone, config["embedding_size"], config["aug"]["crop_dim"], config["model_path"])
+        embedded = {name: _embed(name, config, frames[name], backbone, info.device) for name in tables}
+    if not info.is_main:  # under torchrun: the other ranks helped with the features only
+        return {}
     centers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     written = {}
     for name in tables:
         table, frame = config[name], frames[name]
         ids = frame[table["label_col_name"]].to_numpy()
         ids = ids.astype(str) if ids.dtype == object else ids  # mixed numbers and names: compare as text
-        dataset = dataset_from_table(frame, table, config["aug"], f"[{name}] {table['annotations']}")
-        feature_path = outdir / f"{name}_features.npy"
-        arrays, skipped = extract_outputs(backbone, dataset, {"embedding": (feature_path, config["embedding_size"])},
-                                          config["batch_size"], config["num_workers"], device,
-                                          config["on_bad_image"], desc=name,
-                                          fingerprint=[file_fingerprint(config["model_path"]), config["aug"],
-                                                       table["landmark_columns"]])
-        write_skipped(frame, skipped, outdir / f"{name}_skipped.csv")
+        features, skipped = embedded.pop(name)
         rows = np.flatnonzero(readable_mask(len(frame), skipped))
-        features = arrays.pop("embedding")
         features = features if len(rows) == len(frame) else features[rows]  # a memmap stays on disk
         try:
             if name.endswith("_probes"):
                 center_ids, mu, counts = _gallery_centers(name, table, config, centers, allow_pickle)
                 leave_one_out = False
             else:
-                center_ids, mu = class_centers(features, ids[rows], config["normalize_centers"], device=device)
+                center_ids, mu = class_centers(features, ids[rows], config["normalize_centers"], device=info.device)
                 counts = np.bincount(class_index(ids[rows], center_ids), minlength=len(center_ids))
                 save_id_vectors(outdir / f"{name}_centers.npz", center_ids, mu)
                 centers[name] = (center_ids, mu, counts)
                 leave_one_out = config["leave_one_out"]
             if not name.endswith("_gallery"):
                 written[name] = _write_labels(name, frame, features, ids[rows], rows, center_ids, mu, counts,
-                                              leave_one_out, config, device, outdir)
+                                              leave_one_out, config, info.device, outdir)
         except TransfiraError as err:
             raise TransfiraError(f"[{name}] {err}") from None
         finally:
             del features
         if not config["save_features"]:
-            feature_path.unlink(missing_ok=True)
+            (outdir / f"{name}_features.npy").unlink(missing_ok=True)
     return written
+
+
+def _embed(name: str, config: dict[str, Any], frame: pd.DataFrame, backbone, device) -> tuple[np.ndarray, list]:
+    """``{name}_features.npy`` (and ``{name}_skipped.csv``); under torchrun every rank takes part,
+    and only rank 0 gets the features back."""
+    table = config[name]
+    dataset = dataset_from_table(frame, table, config["aug"], f"[{name}] {table['annotations']}")
+    arrays, skipped = extract_outputs(backbone, dataset,
+                                      {"embedding": (Path(config["outdir"]) / f"{name}_features.npy",
+                                                     config["embedding_size"])},
+                                      config["batch_size"], config["num_workers"], device,
+                                      config["on_bad_image"], desc=name,
+                                      fingerprint=[file_fingerprint(config["model_path"]), config["aug"],
+                                                   table["landmark_columns"]])
+    if arrays:
+        write_skipped(frame, skipped, Path(config["outdir"]) / f"{name}_skipped.csv")
+    return arrays.get("embedding"), skipped
 
 
 def _read_table(name: str, table: dict[str, Any]) -> pd.DataFrame:

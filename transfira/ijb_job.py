@@ -5,7 +5,7 @@
 2. ``features``: one pass over the loose crops, aligned to the ArcFace template in the data
    loader, through the deployed encoder (optionally with the flip test) and the predictor
    (CCS, CCAS) -> ``features/test_{features,ccs,ccas}.npy`` (test.py's extraction; an
-   interrupted pass resumes);
+   interrupted pass resumes; under ``torchrun`` it runs alone, sharded across the ranks);
 3. ``templates``: ``templates_<variant>.npz`` (ids = IJB template ids) with the media rule
    (:func:`transfira.aggregation.aggregate_media_variants`);
 4. ``evaluate``: evaluate.py on the official pairs -> ``evaluation/results.{csv,md}``.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -144,11 +145,14 @@ def stage_meta(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
 
 
 def stage_features(cfg: dict[str, Any], outdir: Path) -> None:
+    from . import distributed as dist_utils
+    from .backbone import resolve_device
     from .inference import embed_and_score
 
     tcfg = test_config(cfg, outdir)
     frame = pd.read_csv(outdir / "test.csv")
-    embed_and_score(tcfg, frame, True, bool(cfg["checkpoint_path"]))
+    with dist_utils.process_group(resolve_device(tcfg["device"])) as info:  # under torchrun: every rank
+        embed_and_score(tcfg, frame, True, bool(cfg["checkpoint_path"]), device=info.device)
 
 
 def stage_templates(cfg: dict[str, Any], outdir: Path) -> list[Path]:
@@ -222,11 +226,16 @@ def stage_evaluate(cfg: dict[str, Any], outdir: Path) -> Path:
 def run_ijb(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1], force: bool = False
             ) -> dict[str, str]:
     """Run stages ``first`` .. ``last`` (skipping fresh ones unless ``force``); return ``{stage: 'ran'|'skipped'}``."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (first, last) != ("features", "features"):
+        raise TransfiraError("under torchrun run_ijb.py runs the features stage alone "
+                             "(--from features --to features); start the other stages with python")
     from .ijb import META, meta_path
 
     outdir = Path(cfg["outdir"])
     outdir.mkdir(parents=True, exist_ok=True)
-    save_json(outdir / "run_ijb_config.json", cfg)
+    if main:  # under torchrun rank 0 alone writes the records (the other ranks share the features stage)
+        save_json(outdir / "run_ijb_config.json", cfg)
     record = Stages(outdir, force)
     feats = outdir / "features"
     scored = bool(cfg["checkpoint_path"])
@@ -269,7 +278,8 @@ def run_ijb(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1],
         start = time.perf_counter()
         actions[stage]()
         seconds = time.perf_counter() - start
-        record.finish(stage, given, outputs[stage], seconds)
+        if main:
+            record.finish(stage, given, outputs[stage], seconds)
         log(f"=== [{stage}] done in {seconds:.1f} s")
         status[stage] = "ran"
     if "evaluate" in status:

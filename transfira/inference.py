@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import distributed as dist_utils
 from .aggregation import VARIANTS, WEIGHT_EPS, aggregate_variants
 from .backbone import check_embedding_size, load_backbone, resolve_device
 from .checkpoint import build_predictor
@@ -75,9 +76,13 @@ def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_score
     outdir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     features = ccs = ccas = serfiq = None
+    with dist_utils.process_group(resolve_device(cfg["device"])) as info:
+        if generate_features or predict_scores:
+            features, ccs, ccas, serfiq = embed_and_score(cfg, frame, generate_features, predict_scores,
+                                                          "serfiq" in quality, info.device)
+    if not info.is_main:  # under torchrun the other ranks help with the forward passes only
+        return {}
     if generate_features or predict_scores:
-        features, ccs, ccas, serfiq = embed_and_score(cfg, frame, generate_features, predict_scores,
-                                                      "serfiq" in quality)
         if generate_features:
             written[FEATURES] = outdir / FEATURES
         if predict_scores:
@@ -326,16 +331,17 @@ class EncoderAndPredictor(nn.Module):
         return out + ((self.serfiq.scores(x, self.keys[index]),) if self.serfiq is not None else ())
 
 
-def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool, serfiq: bool = False
-                    ) -> tuple[np.ndarray | None, ...]:
+def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool, serfiq: bool = False,
+                    device: torch.device | None = None) -> tuple[np.ndarray | None, ...]:
     """One pass over the test images: encoder features [N, D], predicted CCS, CCAS [N], SER-FIQ [N].
 
     Writes ``test_features.npy``, ``test_ccs.npy``, ``test_ccas.npy``, ``test_serfiq.npy``
     (streamed through memmaps; an interrupted run resumes) and, for skipped images,
     ``test_skipped.csv``. SER-FIQ runs the deployed encoder even without ``features``.
-    Rows of skipped images are NaN. Returns ``(features, ccs, ccas, serfiq)`` (None where not computed).
+    Rows of skipped images are NaN. Returns ``(features, ccs, ccas, serfiq)`` (None where not computed;
+    all None on ranks other than 0 under torchrun). ``device``: this rank's (default: ``cfg["device"]``).
     """
-    device = resolve_device(cfg["device"])
+    device = device or resolve_device(cfg["device"])
     data, outdir = cfg["data"], Path(cfg["outdir"])
     outputs = {}
     if features:
@@ -359,5 +365,6 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     arrays, skipped = extract_outputs(model, dataset, outputs, data["batch_size"] or cfg["batch_size"],
                                       cfg["num_workers"], device, cfg["on_bad_image"], desc="test images",
                                       fingerprint=fingerprint, with_index=serfiq)
-    write_skipped(frame, skipped, outdir / SKIPPED)
+    if arrays:
+        write_skipped(frame, skipped, outdir / SKIPPED)
     return tuple(arrays.get(k) for k in ("embedding", "predicted CCS", "predicted CCAS", "SER-FIQ"))

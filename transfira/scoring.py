@@ -26,6 +26,7 @@ import torch
 from .alignment import LANDMARK_COLUMNS
 from .config import REQUIRED
 from .data import AUG_DEFAULTS, ImageDataset, make_loader, read_annotations
+from .distributed import refuse_torchrun
 from .errors import TransfiraError
 from .predictor import Predictor, check_channel_order
 from .progress import log, progress
@@ -162,6 +163,7 @@ class _Swapped:
 
 def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[str, Any]:
     """Score the images of ``cfg`` (see SCORE_SCHEMA) into ``cfg["out"]``; return counts and the path."""
+    refuse_torchrun("score.py")
     if cfg["batch_size"] < 1 or cfg["num_workers"] < 0:
         raise TransfiraError("batch_size must be >= 1 and num_workers >= 0")
     swap = check_channel_order(cfg["channel_order"]) == "BGR"
