@@ -81,7 +81,7 @@ def bench(name: str, onnx_path: Path, emb: int, batch: int, steps: int, images: 
         opt.step()
 
     dataset = ImageDataset(images, paths, build_transform({}, train=True), torch.rand(len(paths), 2).numpy())
-    loader = make_loader(dataset, batch, workers, shuffle=True, drop_last=True)
+    loader = make_loader(dataset, batch, workers, shuffle=True, drop_last=True, device=device)
     batches = iter(())
 
     def next_batch():

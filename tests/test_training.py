@@ -50,7 +50,7 @@ def labels(demo_dir, tmp_path_factory) -> dict[str, Path]:
 def make_config(tmp: Path, demo_dir: Path, labels: dict, train_csv: str = "train", **over) -> dict:
     raw = {
         "model_path": str(demo_dir / "encoder.onnx"), "embedding_size": 64, "checkpoint_outdir": str(tmp / "ckpt"),
-        "run_name": "run", "num_workers": 0, "save_per_epoch": 1,
+        "run_name": "run", "num_workers": 0, "save_per_epoch": 1, "device": "cpu",
         "data": {"data_dir": str(demo_dir / "images"), "annotations": str(labels[train_csv]), "batch_size": 32},
         "val": {"data_dir": str(demo_dir / "images"), "annotations": str(labels["val"]), "batch_size": 64},
         "opt": {"optimizer": "SGD", "momentum": 0.9, "lr": 1e-3, "milestones": [3], "gamma": 0.2, "num_epochs": 4},

@@ -73,7 +73,8 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
         log(f"{desc}: resuming at image {start + 1} of {len(dataset)}")
     else:
         arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=s) for p, s in zip(partials, shapes)]
-    loader = make_loader(torch.utils.data.Subset(dataset, range(start, len(dataset))), batch_size, num_workers)
+    loader = make_loader(torch.utils.data.Subset(dataset, range(start, len(dataset))), batch_size, num_workers,
+                         device=device)
     model.eval()
     with progress(total=len(dataset), initial=start, desc=desc, unit="img") as bar:
         for step, batch in enumerate(loader, 1):
