@@ -493,7 +493,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
         def write() -> None:
             save_state(run_dir / RESUME_FILE, {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "batches_done": done, "step": step, "skipped_steps": skipped_steps, "loss_sum": counts.loss_sum,
                 "loss_count": counts.loss_count, "rng": ranks[0]["rng"], "ranks": ranks,
                 "world_size": info.world_size, "batch_size": batch_size, "config": cfg})
@@ -645,6 +645,11 @@ def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, err
         return loss, used, None, saved
     except Exception as err:  # noqa: BLE001 - reported on every rank by the caller
         return None, 0, describe(err), None
+
+
+def _to_cpu(tree):
+    """``tree`` (nested dicts and lists) with every tensor copied to the CPU: a resume file loads anywhere."""
+    return torch.utils._pytree.tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def _attempt(fn) -> str | None:
