@@ -33,6 +33,14 @@ def test_pipeline_on_cuda_matches_onnxruntime(demo_dir, tmp_path):
     np.testing.assert_allclose(out["scores"].ccas, out["ccas"].ravel(), atol=1e-4)
 
 
+def test_serfiq_masks_equal_the_cpus():
+    from transfira.quality import image_keys, keep_masks, mix32
+
+    counters = mix32(torch.arange(100 * 3136).reshape(100, 3136))
+    keys = torch.cat([image_keys(["a.png", "b.png"], 0), torch.tensor([2 ** 31, 2 ** 32 - 1])])
+    assert torch.equal(keep_masks(keys, counters.cuda(), 0.5).cpu(), keep_masks(keys, counters, 0.5))
+
+
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_training_with_each_amp_resumes(demo_dir, tmp_path, amp):
     """Killed after 2 steps, resumed to the end: 4 applied (or skipped, fp16) steps, finite metrics."""
