@@ -107,7 +107,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def launch(cfg: Path, world_size: int = 2, *args: str, prefix: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+def launch(cfg: Path, world_size: int = 2, *args: str,
+           prefix: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
     """``train.py`` as ``world_size`` independent ranks (after ``prefix``, e.g. ``-c code``); kill all
     and fail on a hang."""
     port = _free_port()

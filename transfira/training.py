@@ -301,9 +301,10 @@ def evaluate(model: nn.Module, loader, dataset: ImageDataset, info: dist_utils.D
 
 # ---------------------------------------------------------------- run directory and resume state
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG's state; CUDA's only for a CUDA run (reading it would open contexts on every GPU)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                       "cached": float(cached)}, "python": random.getstate()}
 
@@ -488,15 +489,16 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
                                                   broadcast_buffers=False)
 
     def save_resume(epoch: int, done: int) -> None:
-        ranks = dist_utils.gather_objects({"rng": _rng_state(), **counts.as_dict()})
+        ranks = dist_utils.gather_objects({"rng": _rng_state(device), **counts.as_dict()})
 
         def write() -> None:
             save_state(run_dir / RESUME_FILE, {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "batches_done": done, "step": step, "skipped_steps": skipped_steps, "loss_sum": counts.loss_sum,
-                "loss_count": counts.loss_count, "rng": ranks[0]["rng"], "ranks": ranks,
-                "world_size": info.world_size, "batch_size": batch_size, "config": cfg})
+                "optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "batches_done": done, "step": step,
+                "skipped_steps": skipped_steps, "loss_sum": counts.loss_sum, "loss_count": counts.loss_count,
+                "rng": ranks[0]["rng"], "ranks": ranks, "world_size": info.world_size, "batch_size": batch_size,
+                "config": cfg})
         _main_does(info, "writing resume.pt", write)
 
     def validate(epoch: int, train_loss: float | None, train_skipped: int | None) -> None:
@@ -588,7 +590,8 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
                 continue
             optimizer.zero_grad(set_to_none=True)
             window = 0
-            if applied and cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and i + 1 < batches_per_epoch:
+            every = cfg["save_every_steps"]
+            if applied and every and step % every == 0 and i + 1 < batches_per_epoch:
                 save_resume(epoch, i + 1)
             if max_steps is not None and step >= max_steps:
                 bar.close()
