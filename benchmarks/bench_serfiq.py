@@ -26,7 +26,9 @@ from transfira.backbone import load_backbone, resolve_device
 from transfira.demo import export_onnx
 from transfira.quality import SerFiq, image_keys, keep_masks
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = next((p for p in (ROOT.parent / "shared" / "models", ROOT / "shared" / "models") if p.is_dir()),
+              ROOT.parent / "shared" / "models")  # beside the checkout, or inside it (a copy on a GPU machine)
 
 
 def rate(fn, steps: int, images: int) -> float:

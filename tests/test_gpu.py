@@ -43,21 +43,24 @@ def test_serfiq_masks_equal_the_cpus():
 
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_training_with_each_amp_resumes(demo_dir, tmp_path, amp):
-    """Killed after 2 steps, resumed to the end: 4 applied (or skipped, fp16) steps, finite metrics."""
-    cfgs = pipeline_configs(demo_dir, tmp_path, "cuda", amp)
+    """Killed after 2 applied steps, resumed to the end of the epoch: its 4 steps are applied or
+    (fp16, GradScaler finding inf/NaN gradients) skipped, and the metrics are finite."""
     from transfira.generation import run_generate
 
+    cfgs = pipeline_configs(demo_dir, tmp_path, "cuda", amp)
     run_generate(cfgs["generate"])
-    run = train(cfgs["train"], max_steps=2)
-    assert torch.load(run / "resume.pt", weights_only=True)["step"] == 2
+    cfg = {**cfgs["train"], "save_every_steps": 1}  # fp16 may skip steps: resume.pt exists either way
+    run = train(cfg, max_steps=2)
+    state = torch.load(run / "resume.pt", weights_only=True)
+    assert state["step"] == 2 or amp == "fp16"
     train(None, resume=run)
     metrics = pd.read_csv(run / "metrics.csv")
     assert metrics.epoch.tolist() == [0, 1] and np.isfinite(metrics.train_loss.iloc[1])
-    assert metrics.step.iloc[1] + metrics.skipped_steps.iloc[1] == 4
-    assert (run / "encoder_0001.pt").is_file()
+    assert metrics.step.iloc[1] + metrics.skipped_steps.iloc[1] == 4 and (run / "encoder_0001.pt").is_file()
+    assert metrics.skipped_steps.iloc[1] == 0 or amp == "fp16"
     other = {"none": "fp16", "bf16": "fp16", "fp16": "bf16"}[amp]
     with pytest.raises(TransfiraError, match=f"amp = '{amp}', resumed with amp = '{other}'"):
-        train({**cfgs["train"], "amp": other}, resume=run)
+        train({**cfg, "amp": other}, resume=run)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
