@@ -34,6 +34,16 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $LOGS/NA
 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')"; } \
     2>&1 | tee "$LOGS/machine.txt"
 
+# every dependency importable? (else stop here, naming what to carry as a wheel, before spending GPU time)
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$LOGS/machine.txt" || exit 3
+import importlib.util, sys
+mods = ["torch", "torchvision", "onnx", "onnx2torch", "onnxruntime", "numpy", "pandas", "sklearn", "PIL",
+        "tensorboard", "tqdm", "matplotlib", "scipy", "pytest", "transfira"]
+missing = [m for m in mods if importlib.util.find_spec(m) is None]
+print("missing:", ", ".join(missing) if missing else "nothing")
+sys.exit(1 if missing else 0)
+PYEOF
+
 step gpu_tests 150 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_gpu.py
 step labels 45 "$PY" benchmarks/bench_labels.py --device cuda --loop-size 300x50 --sizes 100000x10000 200000x20000
 step serfiq 60 "$PY" benchmarks/bench_serfiq.py --device cuda --batch 64 --m 100 --steps 5
