@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One pass on a lent GPU machine: the `gpu` tests, then the GPU figures for benchmarks/RESULTS.md
 # (labels, encoder / SER-FIQ img/s, training img/s). Bounded to about 6 minutes in all; logs go
-# to $OUT (or ./gpu_check_logs). Run from the repository root with the package importable, e.g.
+# to $OUT (or ./gpu_check_logs). `transfira` is imported from the checkout ($PWD); dependencies
+# the machine lacks come as wheels in .whl/ (at least onnx2torch: `pip download --no-deps -d .whl
+# onnx2torch==1.5.15`, pure Python); the preflight below names any other missing one. Then:
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD
