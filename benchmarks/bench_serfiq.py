@@ -10,7 +10,7 @@ synthetic 112 x 112 batches
   - masks alone: generating the m dropout masks (counter-based hash) of each image,
 and print where the dropout goes and how many units it drops.
 
-    PYTHONPATH=. python benchmarks/bench_serfiq.py [--m 100] [--batch 8] [--steps 3]
+    PYTHONPATH=. python benchmarks/bench_serfiq.py [--m 100] [--batch 8] [--steps 3] [--device cuda]
 """
 from __future__ import annotations
 
@@ -21,28 +21,32 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_train import IResNet50
-from transfira.backbone import load_backbone
+from benchmarks.bench_train import IResNet50, sync
+from transfira.backbone import load_backbone, resolve_device
 from transfira.demo import export_onnx
 from transfira.quality import SerFiq, image_keys, keep_masks
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = next((p for p in (ROOT.parent / "shared" / "models", ROOT / "shared" / "models") if p.is_dir()),
+              ROOT.parent / "shared" / "models")  # beside the checkout, or inside it (a copy on a GPU machine)
 
 
 def rate(fn, steps: int, images: int) -> float:
     """Images per second of ``fn`` over ``steps`` calls, after one warm-up call."""
     fn()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync()
     return steps * images / (time.perf_counter() - start)
 
 
 @torch.inference_mode()
-def bench(name: str, path: Path, m: int, batch: int, steps: int) -> None:
-    net = load_backbone("onnx", path).eval()
+def bench(name: str, path: Path, m: int, batch: int, steps: int, device: torch.device) -> None:
+    net = load_backbone("onnx", path).to(device).eval()
     serfiq = SerFiq(net, 112, m=m)
-    x = torch.randn(batch, 3, 112, 112)
+    x = torch.randn(batch, 3, 112, 112, device=device)
     keys = image_keys([f"{i}.png" for i in range(batch)], 0)
     plain = rate(lambda: net(x), steps, batch)
     full = rate(lambda: serfiq(x, keys), steps, batch)
@@ -57,20 +61,24 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (full fp32, as test.py)")
+    parser.add_argument("--models", nargs="*", default=["mobilefacenet_arcface.onnx", "w600k_mbf.onnx"],
+                        help=f"ONNX files under {MODELS} (IResNet-50 of random weights is always added)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads\n")
     print("| encoder | dropout on the input of | units | m | batch | encoder (img/s) | SER-FIQ (img/s) | slowdown "
           "| masks alone (img/s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for file in ("mobilefacenet_arcface.onnx", "w600k_mbf.onnx"):
+    for file in args.models:
         if (MODELS / file).is_file():
-            bench(file, MODELS / file, args.m, args.batch, args.steps)
+            bench(file, MODELS / file, args.m, args.batch, args.steps, device)
         else:
             print(f"| {file} | (not found under {MODELS}) | | | | | | | |")
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(IResNet50().eval(), Path(tmp) / "r50.onnx")
-        bench("IResNet-50 (random)", Path(tmp) / "r50.onnx", args.m, args.batch, args.steps)
+        bench("IResNet-50 (random)", Path(tmp) / "r50.onnx", args.m, args.batch, args.steps, device)
 
 
 if __name__ == "__main__":

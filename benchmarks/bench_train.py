@@ -1,4 +1,4 @@
-"""Training throughput (images/s) of the predictor on CPU: where does the time go?
+"""Training throughput (images/s) of the predictor on CPU (or ``--device cuda``): where does the time go?
 
 For two ONNX encoders converted like train.py does (the demo encoder and an IResNet-50 of
 random weights, exported with the TorchScript exporter like InsightFace's models), measure
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transfira.backbone import load_backbone
+from transfira.backbone import load_backbone, resolve_device
 from transfira.data import ImageDataset, build_transform, make_loader
 from transfira.demo import TinyFaceNet, export_onnx, make_images
 from transfira.model import RecognizabilityPredictionNetwork
@@ -58,22 +58,32 @@ class IResNet50(nn.Module):
         return self.features(self.fc(torch.flatten(self.bn2(self.blocks(self.stem(x))), 1)))
 
 
+def sync() -> None:
+    """Wait for queued CUDA work (timings of asynchronous GPU calls); nothing on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, steps: int, images_per_step: int) -> float:
     """Images per second of ``fn`` over ``steps`` calls, after one warm-up call."""
     fn()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync()
     return steps * images_per_step / (time.perf_counter() - start)
 
 
-def bench(name: str, onnx_path: Path, emb: int, batch: int, steps: int, images: Path, paths: list[str], workers: int):
-    model = RecognizabilityPredictionNetwork(load_backbone("onnx", onnx_path), emb).train()
+def bench(name: str, onnx_path: Path, emb: int, batch: int, steps: int, images: Path, paths: list[str], workers: int,
+          device: torch.device = torch.device("cpu")):
+    model = RecognizabilityPredictionNetwork(load_backbone("onnx", onnx_path), emb).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     targets = torch.rand(batch, 2)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         ccs, ccas = model(x)
         loss = nn.functional.mse_loss(ccs[:, 0], y[:, 0]) + nn.functional.mse_loss(ccas[:, 0], y[:, 1])
         opt.zero_grad(set_to_none=True)
@@ -81,7 +91,7 @@ def bench(name: str, onnx_path: Path, emb: int, batch: int, steps: int, images: 
         opt.step()
 
     dataset = ImageDataset(images, paths, build_transform({}, train=True), torch.rand(len(paths), 2).numpy())
-    loader = make_loader(dataset, batch, workers, shuffle=True, drop_last=True)
+    loader = make_loader(dataset, batch, workers, shuffle=True, drop_last=True, device=device)
     batches = iter(())
 
     def next_batch():
@@ -92,7 +102,7 @@ def bench(name: str, onnx_path: Path, emb: int, batch: int, steps: int, images: 
             batches = iter(loader)
             return next(batches)
 
-    synthetic = torch.randn(batch, 3, 112, 112)
+    synthetic = torch.randn(batch, 3, 112, 112, device=device)
     data_only = timed(next_batch, steps * 4, batch)
     compute = timed(lambda: step(synthetic, targets), steps, batch)
     full = timed(lambda: (lambda b: step(b["image"], b["target"]))(next_batch()), steps, batch)
@@ -105,7 +115,9 @@ def main() -> None:
     parser.add_argument("--r50-batch", type=int, default=8)
     parser.add_argument("--demo-batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (full fp32, as train.py)")
     args = parser.parse_args()
+    device = resolve_device(args.device)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -113,13 +125,14 @@ def main() -> None:
         paths = frames["train"].path.tolist()
         export_onnx(TinyFaceNet(), tmp / "demo.onnx")
         export_onnx(IResNet50().eval(), tmp / "r50.onnx")
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.workers} loader workers\n")
+        print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
+              f"{args.workers} loader workers\n")
         print("| encoder | parameters | batch | data only (img/s) | compute only (img/s) | full step (img/s) |")
         print("| --- | --- | --- | --- | --- | --- |")
         bench("demo (TinyFaceNet)", tmp / "demo.onnx", 64, args.demo_batch, args.steps * 5, tmp / "images", paths,
-              args.workers)
+              args.workers, device)
         bench("IResNet-50 (random)", tmp / "r50.onnx", 512, args.r50_batch, args.steps, tmp / "images", paths,
-              args.workers)
+              args.workers, device)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def table(tiny: Path, tmp: Path, name: str, n: int, bad: set[int] = frozenset())
 def config(tiny: Path, tmp: Path, train_csv: Path, val_csv: Path | None, **over) -> Path:
     raw = {
         "model_path": str(tiny / "encoder.onnx"), "embedding_size": 8, "checkpoint_outdir": str(tmp / "ckpt"),
-        "run_name": "run", "num_workers": 0, "seed": 3,
+        "run_name": "run", "num_workers": 0, "seed": 3, "device": "cpu",
         "aug": {"resize_dim": SIZE, "crop_dim": SIZE},
         "data": {"data_dir": str(tiny / "images"), "annotations": str(train_csv), "batch_size": 2},
         "val": {"data_dir": str(tiny / "images"), "annotations": str(val_csv or ""), "batch_size": 2},
@@ -93,15 +93,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: Path, world_size: int = 2, *args: str, script: str = "train.py") -> list[subprocess.CompletedProcess]:
-    """``script`` (default ``train.py``) as ``world_size`` independent ranks; kill all and fail on a hang."""
+# rank 1 runs out of memory in a training step's ``what`` ("backward" or "step"), the other ranks do not
+OOM_ON_RANK_1 = """import os, runpy, sys, torch
+if os.environ["RANK"] == "1":
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    if sys.argv[1] == "backward":
+        torch.Tensor.backward = oom
+    else:
+        torch.optim.SGD.step = oom
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def launch(cfg: Path, world_size: int = 2, *args: str, script: str = "train.py",
+           prefix: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+    """``script`` (default ``train.py``) as ``world_size`` independent ranks (after ``prefix``, e.g.
+    ``-c code``); kill all and fail on a hang."""
     port = _free_port()
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         env.pop("TRANSFIRA_PROGRESS", None)
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / script), "--config", str(cfg), *args], cwd=ROOT,
+        procs.append(subprocess.Popen([sys.executable, *prefix, str(ROOT / script), "--config", str(cfg), *args], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     try:
@@ -194,6 +210,19 @@ def test_error_in_validation_on_one_rank_stops_both(tiny, tmp_path):
     assert [r.returncode for r in results] == [2, 2], lines
     assert lines[0] == lines[1] and lines[0].startswith("error: validation: rank 1: cannot read image")
     assert "broken.png" in lines[0] and "Traceback" not in results[0].stderr + results[1].stderr
+
+
+@pytest.mark.parametrize("what", ["backward", "step"])
+def test_out_of_memory_on_one_rank_stops_both(tiny, tmp_path, what):
+    """An exception in rank 1's optimizer step, or in the backward of an accumulation micro-batch
+    (DDP's no_sync: no gradient all-reduce to mismatch), is agreed like one in the forward: both
+    ranks stop with the same line instead of rank 0 waiting."""
+    cfg = config(tiny, tmp_path, table(tiny, tmp_path, "train", 8), None, grad_accum_steps=2)
+    results = launch(cfg, prefix=("-c", OOM_ON_RANK_1, what))
+    lines = error_lines(results)
+    assert [r.returncode for r in results] == [2, 2], lines
+    assert lines[0] == lines[1] and lines[0].startswith("error: epoch 1, step 1: rank 1: out of memory: CUDA out of")
+    assert "lower data.batch_size" in lines[0] and "Traceback" not in results[0].stderr + results[1].stderr
 
 
 def test_ridge_start_names_unreadable_image(tiny, tmp_path):

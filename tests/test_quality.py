@@ -120,6 +120,9 @@ def test_masks_keep_one_minus_p_and_differ():
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
     assert (keep[0] != keep[1]).float().mean() > 0.3 and (keep[0, 0] != keep[0, 1]).float().mean() > 0.3
     assert not torch.equal(image_keys(["a"], 0), image_keys(["a"], 1))
+    # the int32 hash equals mix32 on int64, also for keys with the top bit set
+    keys = torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1])
+    assert torch.equal(keep_masks(keys, counters, p), mix32(counters[None] ^ keys[:, None, None]) >= round(p * 2 ** 32))
 
 
 def test_serfiq_independent_of_batch_composition(demo_dir):

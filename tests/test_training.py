@@ -50,7 +50,7 @@ def labels(demo_dir, tmp_path_factory) -> dict[str, Path]:
 def make_config(tmp: Path, demo_dir: Path, labels: dict, train_csv: str = "train", **over) -> dict:
     raw = {
         "model_path": str(demo_dir / "encoder.onnx"), "embedding_size": 64, "checkpoint_outdir": str(tmp / "ckpt"),
-        "run_name": "run", "num_workers": 0, "save_per_epoch": 1,
+        "run_name": "run", "num_workers": 0, "save_per_epoch": 1, "device": "cpu",
         "data": {"data_dir": str(demo_dir / "images"), "annotations": str(labels[train_csv]), "batch_size": 32},
         "val": {"data_dir": str(demo_dir / "images"), "annotations": str(labels["val"]), "batch_size": 64},
         "opt": {"optimizer": "SGD", "momentum": 0.9, "lr": 1e-3, "milestones": [3], "gamma": 0.2, "num_epochs": 4},
@@ -134,6 +134,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, demo_dir, labels):
         train(make_config(tmp_path, demo_dir, labels, embedding_size=128))
     with pytest.raises(TransfiraError, match="amp = 'bf16' needs a CUDA device"):
         train(make_config(tmp_path, demo_dir, labels, amp="bf16", device="cpu"))
+    with pytest.raises(TransfiraError, match="device 'mps' is not supported .*float64"):
+        train(make_config(tmp_path, demo_dir, labels, device="mps"))
+    with pytest.raises(TransfiraError, match="allow_tf32 = 'yes': expected true or false"):
+        train(make_config(tmp_path, demo_dir, labels, allow_tf32="yes"))
     with pytest.raises(TransfiraError, match="opt.optimizer"):
         train(make_config(tmp_path, demo_dir, labels, opt__optimizer="Lion"))
 
@@ -152,6 +156,36 @@ def test_bad_inputs_give_one_line_errors(tmp_path, demo_dir, labels):
     proc = run_script("train.py", "--config", write_toml(tmp_path / "bad.toml", bad), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "nan.csv" in proc.stderr
+
+
+def test_resume_with_another_amp_is_refused(tmp_path, demo_dir, labels):
+    """A GradScaler state (fp16) is loaded only into a GradScaler: fp16 <-> none is one line, not a traceback."""
+    from transfira.distributed import DistInfo
+    from transfira.training import _load_resume
+
+    run = train(make_config(tmp_path, demo_dir, labels, train_csv="small", val__annotations="", opt__num_epochs=1))
+    state = torch.load(run / "resume.pt", weights_only=True)
+    assert state["scaler"] == {} and state["skipped_steps"] == 0
+    model = RecognizabilityPredictionNetwork(load_backbone("onnx", demo_dir / "encoder.onnx"), 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [3])
+    fp16 = torch.amp.GradScaler("cpu", enabled=True)  # what amp = 'fp16' creates on CUDA
+    with pytest.raises(TransfiraError, match=r"resume.pt: saved with amp = 'none', resumed with amp = 'fp16'"):
+        _load_resume(state, model, optimizer, scheduler, fp16, DistInfo(), 32, run, "fp16")
+    fp16.scale(torch.ones(()))  # an fp16 run's scaler state, resumed without amp
+    state["scaler"], state["config"]["amp"] = fp16.state_dict(), "fp16"
+    with pytest.raises(TransfiraError, match=r"saved with amp = 'fp16', resumed with amp = 'bf16'"):
+        _load_resume(state, model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), DistInfo(), 32,
+                     run, "bf16")
+
+
+def test_loader_pins_memory_for_cuda_runs_only():
+    """A CPU run on a GPU host must not open a CUDA context (pinned memory does)."""
+    from transfira.data import make_loader
+
+    data = torch.utils.data.TensorDataset(torch.zeros(4, 2))
+    assert not make_loader(data, 2, 0).pin_memory and not make_loader(data, 2, 0, device=torch.device("cpu")).pin_memory
+    assert make_loader(data, 2, 0, device=torch.device("cuda", 1)).pin_memory
 
 
 def test_demo_config_is_valid():

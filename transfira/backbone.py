@@ -12,17 +12,44 @@ from .errors import TransfiraError
 BACKBONE_TYPES = ("onnx",)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
+def resolve_device(name: str = "auto", allow_tf32: bool = False) -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch.
+
+    On CUDA the float32 precision is set (:func:`set_fp32_precision`: full fp32 unless
+    ``allow_tf32``) and an explicit index becomes the current device, so nothing lands on
+    GPU 0 for ``cuda:1``. ``mps`` is refused: labels and ridge heads need float64.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise TransfiraError(f"invalid device '{name}': {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TransfiraError(f"device '{name}' requested but CUDA is not available")
+    if device.type == "mps":
+        raise TransfiraError(f"device '{name}' is not supported (MPS has no float64, which labels and ridge heads "
+                             "need); use 'cpu'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TransfiraError(f"device '{name}' requested but CUDA is not available")
+        set_fp32_precision(allow_tf32)
+        if device.index is not None:
+            torch.cuda.set_device(device)
     return device
+
+
+def set_fp32_precision(allow_tf32: bool = False) -> None:
+    """Let float32 convolutions and matmuls round to TF32 on Ampere+ GPUs, or not (the default).
+
+    TF32 moves encoder features by up to 1e-2, far outside the tolerance against
+    onnxruntime, so features and labels are computed in full fp32 ('ieee').
+    """
+    mode = "tf32" if allow_tf32 else "ieee"
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        torch.backends.cudnn.conv.fp32_precision = mode
+        torch.backends.cuda.matmul.fp32_precision = mode
+    else:  # torch < 2.9
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
 def load_backbone(backbone_type: str, model_path: str | Path) -> nn.Module:

@@ -164,11 +164,13 @@ def dataset_from_table(frame, table: dict[str, Any], aug: dict[str, Any], source
 
 
 def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
-                sampler=None, drop_last: bool = False, persistent: bool = True) -> torch.utils.data.DataLoader:
-    """A DataLoader with the project's defaults (pinned memory on CUDA; workers kept across
-    iterations unless ``persistent`` is False, e.g. for a loader used for one epoch only)."""
+                sampler=None, drop_last: bool = False, persistent: bool = True,
+                device: torch.device | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader with the project's defaults (pinned memory when ``device`` is CUDA, so a
+    CPU run on a GPU host opens no CUDA context; workers kept across iterations unless
+    ``persistent`` is False, e.g. for a loader used for one epoch only)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
-        num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
-        persistent_workers=persistent and num_workers > 0,
+        num_workers=num_workers, pin_memory=device is not None and torch.device(device).type == "cuda",
+        drop_last=drop_last, persistent_workers=persistent and num_workers > 0,
     )

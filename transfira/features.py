@@ -89,7 +89,7 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
                       for p, s in zip(partials, shapes)]
     batches = range(start, len(dataset), batch_size)
     mine = [i for b in batches[rank::world] for i in range(b, min(b + batch_size, len(dataset)))]
-    loader = iter(make_loader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers))
+    loader = iter(make_loader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers, device=device))
     model.eval()
 
     def run(batch: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray], list[dict]]:

@@ -96,7 +96,7 @@ class Predictor:
 
     def __init__(self, model: nn.Module, aug: dict[str, Any] | None = None, device: str | torch.device = "auto",
                  channel_order: str = "RGB", batch_size: int = 64, detector=None):
-        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        self.device = resolve_device(str(device))  # also for a torch.device: full fp32 on CUDA
         self.model = model.to(self.device).eval()
         self.aug = {**AUG_DEFAULTS, **(aug or {})}
         self.transform = build_transform(self.aug)

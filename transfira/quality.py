@@ -300,6 +300,21 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _bits32(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 2**32) as int32 tensors holding the same 32 bits (two's complement)."""
+    return x if x.dtype == torch.int32 else torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
+
+
+def _mix32_bits_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` in place on :func:`_bits32` tensors: int32 products wrap modulo 2**32 and the
+    shifted-in sign bits are masked off, so the 32 bits equal mix32's; half the memory of int64."""
+    for _ in range(2):
+        x ^= (x >> 16).bitwise_and_(0xFFFF)
+        x *= HASH_MUL
+    x ^= (x >> 16).bitwise_and_(0xFFFF)
+    return x
+
+
 def image_keys(paths: Sequence[str], seed: int) -> torch.Tensor:
     """One 32-bit key per image from (seed, path): the image's dropout masks depend on nothing else."""
     return torch.tensor([int.from_bytes(hashlib.sha256(f"{seed}\0{p}".encode()).digest()[:4], "little")
@@ -307,9 +322,14 @@ def image_keys(paths: Sequence[str], seed: int) -> torch.Tensor:
 
 
 def keep_masks(keys: torch.Tensor, counters: torch.Tensor, p: float) -> torch.Tensor:
-    """``[B, m, F]`` bool: unit ``f`` of pass ``j`` of image ``b`` is kept; ``counters`` = ``mix32(j * F + f)``."""
-    h = mix32(counters.unsqueeze(0) ^ keys.to(counters.device)[:, None, None])
-    return h >= int(round(p * 2 ** 32))
+    """``[B, m, F]`` bool: unit ``f`` of pass ``j`` of image ``b`` is kept; ``counters`` = ``mix32(j * F + f)``.
+
+    The hash runs on int32 bits (:func:`_mix32_bits_`, the masks' cost on small encoders);
+    ``h >= threshold`` of unsigned 32-bit values is the signed comparison with both sign bits flipped.
+    """
+    h = _bits32(counters).unsqueeze(0) ^ _bits32(keys.to(counters.device))[:, None, None]
+    _mix32_bits_(h)
+    return (h ^ -2 ** 31) >= int(round(p * 2 ** 32)) - 2 ** 31
 
 
 def serfiq_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
@@ -355,9 +375,10 @@ class SerFiq(nn.Module):
         self._counters: torch.Tensor | None = None
 
     def counters(self, device: torch.device) -> torch.Tensor:
-        """``mix32(j * F + f)`` [m, F], cached per device."""
+        """``mix32(j * F + f)`` [m, F] (as :func:`_bits32`), cached per device."""
         if self._counters is None or self._counters.device != device:
-            self._counters = mix32(torch.arange(self.m * self.units, device=device).reshape(self.m, self.units))
+            counters = mix32(torch.arange(self.m * self.units, device=device).reshape(self.m, self.units))
+            self._counters = _bits32(counters)
         return self._counters
 
     def forward(self, images: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,7 +393,7 @@ class SerFiq(nn.Module):
             chunk = x[start:start + self.batch]
             b = len(chunk)
             keep = keep_masks(keys[start:start + self.batch], counters, self.p)
-            dropped = chunk.reshape(b, 1, -1) * (keep.to(chunk.dtype) * (1 / (1 - self.p)))
+            dropped = keep.to(chunk.dtype).mul_(chunk.reshape(b, 1, -1) * (1 / (1 - self.p)))
             embeddings = self.suffix(dropped.reshape(b * self.m, *chunk.shape[1:]))
             out.append(serfiq_from_embeddings(embeddings.reshape(b, self.m, -1)))
         return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float64)

@@ -192,7 +192,7 @@ def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[s
     else:
         transform = _Swapped(predictor.transform) if swap else predictor.transform
         dataset = ImageDataset(data_dir, todo[path_col].tolist(), transform)
-        loader = make_loader(dataset, cfg["batch_size"], cfg["num_workers"], persistent=False)
+        loader = make_loader(dataset, cfg["batch_size"], cfg["num_workers"], persistent=False, device=predictor.device)
     counts = {"images": len(frame), "skipped_done": len(frame) - len(todo), "scored": 0, "errors": 0, "faces": 0}
     if done:
         log(f"{out}: {len(done)} image(s) already scored, {len(todo)} to go")

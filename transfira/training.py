@@ -56,6 +56,7 @@ SCHEMA: dict[str, Any] = {
     "device": "auto",
     "num_workers": 4,
     "amp": "none",  # "bf16" | "fp16" | "none" (CUDA only)
+    "allow_tf32": False,  # let fp32 convolutions and matmuls round to TF32 on Ampere+ GPUs (faster, ~1e-3 error)
     "grad_accum_steps": 1,
     "save_every_steps": 0,  # also write resume.pt every this many optimizer steps (0: at epoch ends only)
     "head_hidden": 0,  # 0: linear heads (paper); > 0: one ReLU hidden layer of this width
@@ -90,6 +91,8 @@ def check_config(cfg: dict[str, Any], source: str = "config") -> None:
         raise bad("opt.loss_func", opt["loss_func"], "expected MSE, L1 or SmoothL1")
     if str(cfg["amp"]).lower() not in AMP_DTYPES:
         raise bad("amp", cfg["amp"], "expected 'bf16', 'fp16' or 'none'")
+    if not isinstance(cfg["allow_tf32"], bool):
+        raise bad("allow_tf32", cfg["allow_tf32"], "expected true or false")
     if cfg["on_bad_image"] not in ("error", "skip"):
         raise bad("on_bad_image", cfg["on_bad_image"], "expected 'error' or 'skip'")
     if cfg["head_init"] not in ("xavier", "ridge"):
@@ -239,7 +242,7 @@ def ridge_init_heads(model: RecognizabilityPredictionNetwork, dataset: ImageData
     ``labels`` (``[degrade]``) the targets are the online labels of the current epoch's frames.
     """
     sampler = torch.utils.data.DistributedSampler(dataset, info.world_size, info.rank, shuffle=False)
-    loader = make_loader(dataset, batch_size, num_workers, sampler=sampler, persistent=False)
+    loader = make_loader(dataset, batch_size, num_workers, sampler=sampler, persistent=False, device=info.device)
     was_training = model.backbone.training
     model.backbone.eval()
     dim = model.ccs_layer.in_features
@@ -381,9 +384,10 @@ def evaluate(model: nn.Module, loader, dataset: ImageDataset, info: dist_utils.D
 
 # ---------------------------------------------------------------- run directory and resume state
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG's state; CUDA's only for a CUDA run (reading it would open contexts on every GPU)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                       "cached": float(cached)}, "python": random.getstate()}
 
@@ -439,7 +443,7 @@ def train(cfg: dict[str, Any] | None, resume: str | Path | None = None, max_step
         config_path = str(resume_path(resume))
         cfg = apply_schema(state["config"], SCHEMA, source=config_path)
     check_config(cfg, config_path)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"], cfg["allow_tf32"])
     amp = str(cfg["amp"]).lower()
     if amp != "none" and device.type != "cuda":
         raise TransfiraError(f"{config_path}: amp = '{amp}' needs a CUDA device (device is {device}); set amp = 'none'")
@@ -476,7 +480,8 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
     val_loader = None
     if val_set is not None:
         val_sampler = torch.utils.data.DistributedSampler(val_set, info.world_size, info.rank, shuffle=False)
-        val_loader = make_loader(val_set, cfg["val"]["batch_size"], cfg["num_workers"], sampler=val_sampler)
+        val_loader = make_loader(val_set, cfg["val"]["batch_size"], cfg["num_workers"], sampler=val_sampler,
+                                 device=device)
 
     # model, optimizer, schedule
     model = build_model(cfg, device)
@@ -498,11 +503,12 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
     else:
         run_name = cfg["run_name"] or dist_utils.broadcast_object(time.strftime("%Y%m%d-%H%M%S"))
         run_dir = Path(cfg["checkpoint_outdir"]) / run_name
-    start_epoch, batches_done, step = 0, 0, 0
+    start_epoch, batches_done, step, skipped_steps = 0, 0, 0, 0
     counts = _EpochCounts()
     if state is not None:
-        counts = _load_resume(state, model, optimizer, scheduler, scaler, info, batch_size, resume)
+        counts = _load_resume(state, model, optimizer, scheduler, scaler, info, batch_size, resume, amp)
         start_epoch, batches_done, step = state["epoch"], state["batches_done"], state["step"]
+        skipped_steps = int(state.get("skipped_steps", 0))
     stem = Path(cfg["model_path"]).stem
     writer = None
 
@@ -528,8 +534,8 @@ def _train(cfg: dict[str, Any], info: dist_utils.DistInfo, amp: str, state: dict
             ridge_init_heads(model, train_set, batch_size, cfg["num_workers"], info, cfg["head_init_l2"], policy,
                              labels)
         return _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_set, sampler, val_loader,
-                     val_set, run_dir, stem, writer, state is None, start_epoch, batches_done, step, counts,
-                     batches_per_epoch, drop_last, max_steps, labels)
+                     val_set, run_dir, stem, writer, state is None, start_epoch, batches_done, step, skipped_steps,
+                     counts, batches_per_epoch, drop_last, max_steps, labels)
     finally:
         if writer is not None:
             writer.close()
@@ -564,9 +570,13 @@ def _min_batch(model: nn.Module) -> int:
 
 def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_set, sampler, val_loader, val_set,
           run_dir: Path, stem: str, writer, fresh: bool, start_epoch: int, batches_done: int, step: int,
-          counts: _EpochCounts, batches_per_epoch: int, drop_last: bool, max_steps: int | None,
-          labels: OnlineLabels | None = None) -> Path:
-    """The epochs of :func:`train`. Every step ends with one agreement over all ranks (see below)."""
+          skipped_steps: int, counts: _EpochCounts, batches_per_epoch: int, drop_last: bool,
+          max_steps: int | None, labels: OnlineLabels | None = None) -> Path:
+    """The epochs of :func:`train`. Every batch ends with two agreements over all ranks (see below).
+
+    ``step`` counts applied optimizer steps only; fp16 steps that GradScaler skips (inf/NaN
+    gradients) are counted in ``skipped_steps`` (``metrics.csv``).
+    """
     main, device, opt_cfg, batch_size = info.is_main, info.device, cfg["opt"], cfg["data"]["batch_size"]
     accum, policy = cfg["grad_accum_steps"], cfg["on_bad_image"]
     ddp = model
@@ -575,15 +585,16 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
                                                   broadcast_buffers=False)
 
     def save_resume(epoch: int, done: int) -> None:
-        ranks = dist_utils.gather_objects({"rng": _rng_state(), **counts.as_dict()})
+        ranks = dist_utils.gather_objects({"rng": _rng_state(device), **counts.as_dict()})
 
         def write() -> None:
             save_state(run_dir / RESUME_FILE, {
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "batches_done": done, "step": step, "loss_sum": counts.loss_sum,
-                "loss_count": counts.loss_count, "rng": ranks[0]["rng"], "ranks": ranks,
-                "world_size": info.world_size, "batch_size": batch_size, "config": cfg})
+                "optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "batches_done": done, "step": step,
+                "skipped_steps": skipped_steps, "loss_sum": counts.loss_sum, "loss_count": counts.loss_count,
+                "rng": ranks[0]["rng"], "ranks": ranks, "world_size": info.world_size, "batch_size": batch_size,
+                "config": cfg})
         _main_does(info, "writing resume.pt", write)
 
     def validate(epoch: int, train_loss: float | None, train_skipped: int | None) -> None:
@@ -593,7 +604,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
 
         def write() -> None:
             lr = optimizer.param_groups[0]["lr"]
-            row = {"epoch": epoch, "step": step, "train_loss": train_loss, "lr": lr,
+            row = {"epoch": epoch, "step": step, "skipped_steps": skipped_steps, "train_loss": train_loss, "lr": lr,
                    **{f"val_{k}": v for k, v in metrics.items()}, "train_skipped": train_skipped,
                    "val_skipped": val_skipped}
             _append_metrics(run_dir / "metrics.csv", row)
@@ -647,7 +658,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
         if batches_done == 0:
             seed_everything(cfg["seed"] + 1_000_003 * (epoch + 1) + info.rank)  # per-epoch worker seeds
         loader = make_loader(train_set, batch_size, cfg["num_workers"], sampler=SkipSampler(sampler, batches_done * batch_size),
-                             persistent=False, drop_last=drop_last)
+                             persistent=False, drop_last=drop_last, device=device)
         ddp.train()
         window = 0  # images used over all ranks since the last optimizer step
         bar = progress(total=batches_per_epoch, initial=batches_done, desc=f"epoch {epoch + 1}", leave=False,
@@ -660,36 +671,44 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
             except Exception as err:  # noqa: BLE001 - reported on every rank after the forward
                 error = f"loading a batch: {describe(err)}"
             sync = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
+            where = f"epoch {epoch + 1}, step {step + 1}"
             with ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext():
                 loss, used, error, saved = _forward(ddp, model, batch, error, policy, min_batch, loss_fn, device, amp,
                                                     labels, counts.rows if cfg["degrade"]["save_labels"] else None)
-                # the one agreement of the step: errors, images used, non-finite losses, on every rank
+                # the first agreement: errors, images used, non-finite losses, on every rank
                 n_err, n_total, n_nonfinite = dist_utils.agree(
                     [error is not None, used, loss is not None and not bool(torch.isfinite(loss))])
                 if n_err or n_nonfinite:
                     if error is None and loss is not None and not bool(torch.isfinite(loss)):
                         error = (f"loss became {loss.item()}; lower opt.lr "
                                  "(or use amp = 'bf16' instead of 'fp16')")
-                    dist_utils.raise_agreed(error, f"epoch {epoch + 1}, step {step + 1}")
+                    dist_utils.raise_agreed(error, where)
                 # each image weighs the same over all ranks: DDP averages the ranks' gradients
                 weight = used * info.world_size / n_total if n_total else 0.0
-                scaler.scale(loss * (weight / accum)).backward()
-                _restore_buffers(model, saved)
+                window += int(n_total)
+                error = _attempt(lambda: (scaler.scale(loss * (weight / accum)).backward(),
+                                          _restore_buffers(model, saved)))
+            applied = False
+            if sync and window and error is None:  # no usable image on any rank: no step on any rank
+                scale = scaler.get_scale()
+                error = _attempt(lambda: (scaler.step(optimizer), scaler.update()))
+                applied = scaler.get_scale() >= scale  # GradScaler lowers the scale exactly when it skips a step
+                step, skipped_steps = step + applied, skipped_steps + (not applied)
+            # the second agreement: an error (out of memory) in the backward or the step stops every rank.
+            # (A rank failing inside a DDP-synchronized backward leaves DDP's gradient all-reduce
+            # unmatched: Gloo reports a collective mismatch, NCCL waits for env.timeout_s.)
+            dist_utils.raise_agreed(error, where)
             counts.loss_sum += float(loss.item()) * used
             counts.loss_count += used
             counts.skipped += len(batch["ok"]) - used
-            window += int(n_total)
             bar.update(1)
             bar.set_postfix(loss=f"{counts.loss_sum / max(counts.loss_count, 1):.5f}")
             if not sync:
                 continue
-            if window:  # a step with no usable image on any rank is skipped on every rank
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
             optimizer.zero_grad(set_to_none=True)
             window = 0
-            if cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0 and i + 1 < batches_per_epoch:
+            every = cfg["save_every_steps"]
+            if applied and every and step % every == 0 and i + 1 < batches_per_epoch:
                 save_resume(epoch, i + 1)
             if max_steps is not None and step >= max_steps:
                 bar.close()
@@ -757,10 +776,27 @@ def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, err
                     batch["pixel_seed"].tolist(), targets[:, 0].tolist(), nnccs.tolist()))
         with _autocast(device, amp):
             ccs, ccas = ddp(images) if features is None else ddp(features=features)
+        targets = targets.float()  # the loss is fp32 whatever amp says
         loss = loss_fn(ccs[:, 0].float(), targets[:, 0]) + loss_fn(ccas[:, 0].float(), targets[:, 1])  # eq. 9
         return loss, used, None, saved
     except Exception as err:  # noqa: BLE001 - reported on every rank by the caller
         return None, 0, describe(err), None
+
+
+def _to_cpu(tree):
+    """``tree`` (nested dicts and lists) with every tensor copied to the CPU: a resume file loads anywhere."""
+    return torch.utils._pytree.tree_map(lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _attempt(fn) -> str | None:
+    """Run ``fn``; an exception becomes its one-line description, for the caller's agreement."""
+    try:
+        fn()
+    except torch.OutOfMemoryError as err:
+        return f"out of memory: {str(err).splitlines()[0]} (lower data.batch_size, raise grad_accum_steps)"
+    except Exception as err:  # noqa: BLE001 - reported on every rank by the caller
+        return describe(err)
+    return None
 
 
 @torch.no_grad()
@@ -771,8 +807,11 @@ def _restore_buffers(model: nn.Module, saved: list[torch.Tensor] | None) -> None
 
 
 def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, scaler, info: dist_utils.DistInfo,
-                 batch_size: int, resume: str | Path) -> _EpochCounts:
-    """Restore model, optimizer, schedule, scaler and this rank's RNG state and running sums."""
+                 batch_size: int, resume: str | Path, amp: str = "none") -> _EpochCounts:
+    """Restore model, optimizer, schedule, scaler and this rank's RNG state and running sums.
+
+    The GradScaler state (fp16 only) is loaded when both the saved run and this one have
+    one; between fp16 and another ``amp`` the resume is refused."""
     from .checkpoint import _shown
 
     path = resume_path(resume)
@@ -790,7 +829,12 @@ def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, 
                              f"{_shown(result.missing_keys) or '-'}; unexpected keys: {_shown(result.unexpected_keys) or '-'}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if bool(state["scaler"]) != scaler.is_enabled():
+        saved = (state.get("config") or {}).get("amp", "fp16" if state["scaler"] else "none")
+        raise TransfiraError(f"{path}: saved with amp = '{saved}', resumed with amp = '{amp}'; fp16 keeps a "
+                             "GradScaler state the others lack: resume with the saved amp")
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
     ranks = state.get("ranks")
     if isinstance(ranks, list) and len(ranks) == info.world_size:  # each rank continues from its own state
         mine = ranks[info.rank]
