@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One pass on a lent GPU machine: the `gpu` tests, then the GPU figures for benchmarks/RESULTS.md
-# (labels, encoder / SER-FIQ img/s, training img/s). Bounded to about 6 minutes in all; logs go
+# (labels, encoder / SER-FIQ img/s, training img/s, generate.py img/s). Bounded to about 7 minutes in all; logs go
 # to $OUT (or ./gpu_check_logs). `transfira` is imported from the checkout ($PWD); dependencies
 # the machine lacks come as wheels in .whl/ (at least onnx2torch: `pip download --no-deps -d .whl
 # onnx2torch==1.5.15`, pure Python); the preflight below names any other missing one. Then:
@@ -50,6 +50,7 @@ step gpu_tests 150 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests/test_
 step labels 45 "$PY" benchmarks/bench_labels.py --device cuda --loop-size 300x50 --sizes 100000x10000 200000x20000
 step serfiq 60 "$PY" benchmarks/bench_serfiq.py --device cuda --batch 64 --m 100 --steps 5
 step train 75 "$PY" benchmarks/bench_train.py --device cuda --steps 10 --r50-batch 64 --demo-batch 128 --workers 8
+step sharded 60 "$PY" benchmarks/bench_sharded.py --n 8000 --nproc 1 --device cuda --workers 8 --batch_size 256
 
 echo "logs in $LOGS; failed=$failed"
 exit "$failed"
