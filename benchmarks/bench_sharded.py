@@ -27,7 +27,7 @@ from transfira.demo import make_demo  # noqa: E402
 
 def run(cfg: Path, nproc: int, threads: int) -> tuple[float, float]:
     """(images/s of the extraction, wall seconds) of one ``torchrun`` generate.py."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "TRANSFIRA_PROGRESS": "lines"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])), "OMP_NUM_THREADS": str(threads), "TRANSFIRA_PROGRESS": "lines"}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                            str(ROOT / "generate.py"), "--config", str(cfg)], env=env, capture_output=True, text=True)

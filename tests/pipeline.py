@@ -64,5 +64,5 @@ def run_pipeline(demo_dir: Path, root: Path, device: str, amp: str = "none") -> 
     return {"features": np.load(root / "labels" / "train_features.npy"),
             "labels": pd.read_csv(root / "labels" / "train_labels.csv"),
             "metrics": pd.read_csv(run / "metrics.csv"), "run": run,
-            **{name: np.load(test / f"test_{name}.npy") for name in ("features", "ccs", "ccas", "serfiq")},
+            **{f"test_{name}": np.load(test / f"test_{name}.npy") for name in ("features", "ccs", "ccas", "serfiq")},
             "scores": pd.read_csv(root / "scores.csv")}

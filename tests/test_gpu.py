@@ -29,8 +29,8 @@ def test_pipeline_on_cuda_matches_onnxruntime(demo_dir, tmp_path):
         else not torch.backends.cudnn.allow_tf32
     np.testing.assert_allclose(out["features"], onnx_features(demo_dir, out["labels"].path), atol=2e-4, rtol=1e-4)
     assert out["metrics"].step.tolist() == [0, 4] and np.isfinite(out["metrics"].val_ccs_mae).all()
-    assert np.isfinite(out["serfiq"]).all() and np.isfinite(out["features"]).all()
-    np.testing.assert_allclose(out["scores"].ccas, out["ccas"].ravel(), atol=1e-4)
+    assert np.isfinite(out["test_serfiq"]).all() and np.isfinite(out["test_features"]).all()
+    np.testing.assert_allclose(out["scores"].ccas, out["test_ccas"].ravel(), atol=1e-4)
 
 
 def test_serfiq_masks_equal_the_cpus():
