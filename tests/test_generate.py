@@ -12,7 +12,8 @@ from test_labels import reference_labels
 
 def write_config(path: Path, demo: Path, outdir: Path, tables: dict, **top) -> Path:
     lines = [f"model_path = '{demo / 'encoder.onnx'}'", "embedding_size = 64", f"outdir = '{outdir}'",
-             "num_workers = 0", "batch_size = 50", "device = 'cpu'"]
+             "num_workers = 0", "batch_size = 50"]
+    top = {"device": "cpu", **top}  # CPU unless a test says otherwise
     lines += [f"{k} = {v!r}".replace("True", "true").replace("False", "false") for k, v in top.items()]
     for name, table in tables.items():
         lines.append(f"[{name}]")

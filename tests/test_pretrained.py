@@ -67,6 +67,24 @@ def test_score_predictor_and_export_use_the_shipped_predictor(shipped_demo, demo
     toml.write_text(f"model_path = '{demo_dir / 'encoder.onnx'}'\nimages = '{images[0].parent}'\n"
                     f"out = '{tmp_path / 'folder.csv'}'\ndevice = 'cpu'\nnum_workers = 0\n")
     assert Predictor.from_config(toml).source == shipped_demo / "demo_transfira.pt"
+    # a test.toml (predictor_model_path, outdir, [data] ...) is read by score.py through the same reader
+    test_toml = tmp_path / "test.toml"
+    test_toml.write_text(f"model_path = '{demo_dir / 'encoder.onnx'}'\npredictor_model_path = ''\n"
+                         f"checkpoint_path = '{shipped_demo / 'demo_transfira.pt'}'\noutdir = '{tmp_path}'\n"
+                         "device = 'cpu'\n[data]\ndata_dir = 'x'\nannotations = 'y.csv'\n")
+    score_main(["--config", str(test_toml), "--images", str(images[0]), "--out", str(tmp_path / "via_test.csv"),
+                "--num_workers", "0"])
+    assert pd.read_csv(tmp_path / "via_test.csv")["ccs"].iloc[0] == pytest.approx(one["ccs"].iloc[0], abs=1e-6)
+    # export_onnx.py with --model_path alone exports the shipped predictor
+    from export_onnx import main as export_main
+
+    export_main(["--model_path", str(demo_dir / "encoder.onnx"), "--out", str(tmp_path / "p.onnx")])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    batch = mine.preprocess(images[:2]).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: batch})
+    np.testing.assert_allclose(np.ravel(got[0]), mine.score(images[:2]).ccs, atol=1e-4)
 
 
 def test_missing_image_path_is_named(tmp_path, demo_dir):
