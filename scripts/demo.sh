@@ -15,7 +15,7 @@ stage "2/6 labels: generate.py"
 $PY generate.py --config configs/demo/generate.toml
 done_ "generate"
 stage "3/6 predictor: train.py"
-$PY train.py --config configs/demo/train.toml
+$PY train.py --config configs/demo/train.toml --overwrite   # a rerun of the demo trains again
 done_ "train"
 stage "4/6 templates: test.py"
 $PY test.py --config configs/demo/test.toml --generate_features --predict_scores --aggregate_features --all_variants

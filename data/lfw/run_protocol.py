@@ -120,7 +120,7 @@ def commands(configs: dict[str, dict[str, Any]], config_paths: dict[str, Path], 
     return {
         "protocol": protocol_command(configs["protocol"]),
         "generate": [py, "generate.py", "--config", str(config_paths["generate"])],
-        "train": [py, "train.py", "--config", str(config_paths["train"])],
+        "train": [py, "train.py", "--config", str(config_paths["train"]), "--overwrite"],  # re-running the stage trains again
         "test": test,
         "evaluate": [py, "evaluate.py", "--config", str(config_paths["evaluate"])],
     }
