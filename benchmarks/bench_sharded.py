@@ -34,7 +34,7 @@ def run(cfg: Path, nproc: int, threads: int) -> tuple[float, float]:
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
-    rate = re.findall(r"train: \d+/\d+ img \(100%\), ([\d.]+) img/s", proc.stderr + proc.stdout)
+    rate = re.findall(r"train: \d+/\d+ img \(100%\), ([\d.]+(?:e[+-]?\d+)?) img/s", proc.stderr + proc.stdout)
     return float(rate[-1]), wall
 
 
