@@ -32,13 +32,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.config:
         predictor = Predictor.from_config(args.config, args.checkpoint, device="cpu")
-    elif args.model_path and args.checkpoint:
-        predictor = Predictor.from_files(args.model_path, args.checkpoint, "cpu", args.embedding_size)
     elif args.model_path:
-        predictor = Predictor.pretrained(args.model_path, device="cpu", embedding_size=args.embedding_size)
-        print(f"using the shipped predictor {predictor.source}")
+        predictor = Predictor.from_files(args.model_path, args.checkpoint or "", "cpu", args.embedding_size)
     else:
         raise TransfiraError("give --config, or --model_path (and --checkpoint)")
+    if predictor.source:
+        print(f"using the shipped predictor {predictor.source}")
     metadata = export_onnx(predictor.model, predictor.aug, args.out, args.fp16, args.opset)
     print(f"wrote {args.out}; preprocessing (stored in its metadata):")
     for key, value in metadata.items():

@@ -108,14 +108,19 @@ class Predictor:
         self.source: Path | None = None  # the checkpoint, when it is a shipped predictor (:meth:`pretrained`)
 
     @classmethod
-    def from_files(cls, model_path: str | Path, checkpoint_path: str | Path, device: str = "auto",
+    def from_files(cls, model_path: str | Path, checkpoint_path: str | Path = "", device: str = "auto",
                    embedding_size: int | None = None, channel_order: str = "RGB", head_hidden: int | None = None,
                    aug: dict[str, Any] | None = None, batch_size: int = 64, backbone_type: str = "onnx",
                    detector_path: str | Path | None = None, det_threshold: float = 0.5) -> "Predictor":
         """Encoder architecture from ``model_path`` (ONNX), weights from ``checkpoint_path`` (a predictor
         state dict, read with ``weights_only=True``; the heads' layout is read from it, ``head_hidden`` is
-        ignored); ``embedding_size`` None = the encoder's output size.
-        ``detector_path``: an SCRFD ONNX model for :meth:`score_photos` (faces with score >= ``det_threshold``)."""
+        ignored; empty: the predictor shipped for this encoder file, :meth:`pretrained`); ``embedding_size``
+        None = the encoder's output size. ``detector_path``: an SCRFD ONNX model for :meth:`score_photos`
+        (faces with score >= ``det_threshold``)."""
+        if not checkpoint_path:
+            return cls.pretrained(model_path, device=device, embedding_size=embedding_size, channel_order=channel_order,
+                                  aug=aug, batch_size=batch_size, backbone_type=backbone_type,
+                                  detector_path=detector_path, det_threshold=det_threshold)
         aug = {**AUG_DEFAULTS, **(aug or {})}
         backbone = load_backbone(backbone_type, model_path)
         if embedding_size is None:
@@ -150,10 +155,7 @@ class Predictor:
         ``device``, ``batch_size``, ``channel_order``, ``detect``, ``det_threshold``, ``[aug]``."""
         settings = predictor_settings(read_toml(path), path)
         model_path, checkpoint = settings.pop("model_path"), settings.pop("checkpoint_path")
-        checkpoint = checkpoint_path or checkpoint
-        if not checkpoint:  # a score config without a checkpoint: the shipped predictor of its encoder
-            return cls.pretrained(model_path, **{**settings, **overrides})
-        return cls.from_files(model_path, checkpoint, **{**settings, **overrides})
+        return cls.from_files(model_path, checkpoint_path or checkpoint, **{**settings, **overrides})
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """[B, 3, crop_dim, crop_dim] float32 network input of ``images`` (SPEC §2)."""

@@ -176,10 +176,8 @@ def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[s
     if predictor is None:
         options = dict(device=cfg["device"], embedding_size=cfg["embedding_size"] or None, aug=cfg["aug"],
                        batch_size=cfg["batch_size"], backbone_type=cfg["backbone_type"])
-        if cfg["checkpoint_path"]:
-            predictor = Predictor.from_files(cfg["model_path"], cfg["checkpoint_path"], **options)
-        else:
-            predictor = Predictor.pretrained(cfg["model_path"], **options)
+        predictor = Predictor.from_files(cfg["model_path"], cfg["checkpoint_path"], **options)
+        if predictor.source:
             log(f"no checkpoint given: using the shipped predictor {predictor.source} for {cfg['model_path']}")
     if detect and predictor.detector is None:
         from .detection import SCRFD
