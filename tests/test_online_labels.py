@@ -32,6 +32,15 @@ def embed(onnx_path: Path, images: list) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})[0].astype(np.float64)
 
 
+def numpy_labels(z: np.ndarray, own: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CCS and NNCCS (eq. 4-5) in float64 numpy: the independent reference for the online labels."""
+    unit = centers / np.linalg.norm(centers, axis=1, keepdims=True)
+    sims = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ unit.T
+    ccs = sims[np.arange(len(z)), own].copy()
+    sims[np.arange(len(z)), own] = -np.inf
+    return ccs, sims.max(1)
+
+
 @pytest.fixture(scope="module")
 def setup(demo_dir, tmp_path_factory) -> dict:
     """Clean demo training photos (48), and centers from the clean photos of their identities."""
@@ -120,13 +129,9 @@ def test_online_labels_are_the_encoders_view_of_the_frame(tmp_path, demo_dir, se
                                                                           row.seed))
     z = embed(demo_dir / "encoder.onnx", frames)
     subject = dict(zip(setup["frame"]["path"], setup["frame"]["subject_id"]))
-    unit = setup["centers"] / np.linalg.norm(setup["centers"], axis=1, keepdims=True)
-    sims = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ unit.T
-    own = np.searchsorted(setup["ids"], [subject[p] for p in rows["path"]])
-    ccs = sims[np.arange(len(z)), own]
-    sims[np.arange(len(z)), own] = -np.inf
+    ccs, nnccs = numpy_labels(z, np.searchsorted(setup["ids"], [subject[p] for p in rows["path"]]), setup["centers"])
     np.testing.assert_allclose(rows["ccs"], ccs, atol=2e-4)
-    np.testing.assert_allclose(rows["nnccs"], sims.max(1), atol=2e-4)
+    np.testing.assert_allclose(rows["nnccs"], nnccs, atol=2e-4)
     np.testing.assert_allclose(rows["ccas"], rows["ccs"] - rows["nnccs"], atol=1e-6)
     assert (rows["kinds"] != "none").any()
     heads = torch.load(run / "encoder_0002.pt", weights_only=True)
@@ -140,19 +145,14 @@ def test_ridge_predictor_with_zero_epochs_and_resume(tmp_path, demo_dir, setup):
     run = train(config(tmp_path, demo_dir, setup, opt__num_epochs=0, run_name="ridge"))
     heads = torch.load(run / "encoder_0000.pt", weights_only=True)
     frames = []
-    targets = []
     frame = setup["frame"]
     for i, row in frame.iterrows():
         kinds, severity, seed = draw_degradation(0, 0, i, KINDS, 2, (0.2, 1.0), 0.25)
         image = load_image(demo_dir / "images" / row["path"])
         frames.append(degrade_chain(image, kinds, severity, seed) if kinds else image)
     z = embed(demo_dir / "encoder.onnx", frames)
-    unit = setup["centers"] / np.linalg.norm(setup["centers"], axis=1, keepdims=True)
-    sims = (z / np.linalg.norm(z, axis=1, keepdims=True)) @ unit.T
-    own = np.searchsorted(setup["ids"], frame["subject_id"])
-    ccs = sims[np.arange(len(z)), own].copy()
-    sims[np.arange(len(z)), own] = -np.inf
-    targets = np.c_[ccs, ccs - sims.max(1)]
+    ccs, nnccs = numpy_labels(z, np.searchsorted(setup["ids"], frame["subject_id"]), setup["centers"])
+    targets = np.c_[ccs, ccs - nnccs]
     x = np.c_[z / np.linalg.norm(z, axis=1, keepdims=True), np.log(np.linalg.norm(z, axis=1))]
     w = ridge_fit(x, targets, 1e-3)
     np.testing.assert_allclose(heads["ccs_layer.weight"][0].numpy(), w[:-1, 0], atol=2e-3)

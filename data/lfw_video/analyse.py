@@ -56,9 +56,13 @@ def ridge_predict(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def unit_lognorm(z: np.ndarray) -> np.ndarray:
-    """``[z / |z|, log |z|]``: what heads with ``head_input = "unit_lognorm"`` see (float64)."""
-    norm = np.linalg.norm(np.asarray(z, np.float64), axis=1, keepdims=True)
-    return np.hstack([z / norm, np.log(norm)])
+    """``[z / |z|, log |z|]`` in float64: what heads with ``head_input = "unit_lognorm"`` see
+    (:func:`transfira.model.head_features`)."""
+    import torch
+
+    from transfira.model import head_features
+
+    return head_features(torch.from_numpy(np.asarray(z, np.float64)), "unit_lognorm").numpy()
 
 
 def heads_predict(path: str, z: np.ndarray) -> np.ndarray:
