@@ -184,7 +184,7 @@ def test_unknown_kind_raises(face):
 
 def test_issue_12_list_is_covered():
     """Gaussian blur, down-then-up scaling, JPEG, additive noise, occlusion (eyes, mouth, random), brightness
-    both directions, in-plane rotation, horizontal flip (issue #12)."""
+    both directions, in-plane rotation, horizontal flip."""
     assert {"blur", "downscale", "jpeg", "noise", "occlusion", "occlusion_eyes", "occlusion_mouth",
             "underexpose", "overexpose", "rotation", "hflip"} <= set(DEGRADATIONS)
 

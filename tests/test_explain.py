@@ -230,17 +230,17 @@ def test_script_on_demo_config(run, setup, demo_dir):
     assert set(sweeps["degradation"]) == {"jpeg"} and sweeps["subject_id"].nunique() == 3
 
 
-def test_ridge_predictor_heads_match_sklearn():
-    """scripts/ridge_predictor.py's heads (the LFW figures' predictor) = scikit-learn's Ridge with a free intercept."""
+def test_ridge_heads_match_sklearn():
+    """train.py's ridge heads (head_init = "ridge"; num_epochs = 0 writes them alone) = scikit-learn's Ridge
+    with a free intercept."""
     from sklearn.linear_model import Ridge
 
-    spec = importlib.util.spec_from_file_location("ridge_predictor", ROOT / "scripts" / "ridge_predictor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from transfira.training import ridge_fit
+
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, size=(300, 12))
     y = np.c_[x @ rng.normal(size=12) + 1.5, x[:, 0] - 0.5] + rng.normal(0, 0.3, (300, 2))
-    w = module.ridge_heads(x, y, l2=1e-2)
+    w = ridge_fit(x, y, l2=1e-2)
     ref = Ridge(alpha=1e-2 * (x ** 2).sum(), fit_intercept=True).fit(x, y)
     np.testing.assert_allclose(w[:-1].T, ref.coef_, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(w[-1], ref.intercept_, rtol=1e-6, atol=1e-8)

@@ -1,4 +1,4 @@
-"""LFW video protocol (issue #14): protocol construction on synthetic identities (fast, CI), the
+"""LFW video protocol: protocol construction on synthetic identities (fast, CI), the
 analysis helpers against slow float64 references, and a small real run when ../shared is present."""
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ def _rows(features: np.ndarray, start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(block)
 
 
-# --- per-image weights of a variant, and IJB media pooling (issue #11) ---------------------------------
+# --- per-image weights of a variant, and IJB media pooling -----------------------------------------
 
 def image_weights(codes: np.ndarray, k: int, usable: np.ndarray, ccs: np.ndarray | None, ccas: np.ndarray | None,
                   use_filter: bool, use_weight: bool, eps: float = WEIGHT_EPS) -> tuple[np.ndarray, np.ndarray, dict]:

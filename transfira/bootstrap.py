@@ -1,4 +1,4 @@
-"""Subject (identity) bootstrap of TAR at FMR, SC and ERC/EDC areas, streamed (issue #10).
+"""Subject (identity) bootstrap of TAR at FMR, SC and ERC/EDC areas, streamed.
 
 Resampling. A replicate draws S units (subjects) with replacement from the S units of the
 evaluation (``draw_counts``: ``c[r, s]`` = how often unit s was drawn in replicate r). Each drawn

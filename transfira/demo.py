@@ -159,8 +159,16 @@ def export_onnx(net: nn.Module, path: Path, input_size: int = SIZE) -> None:
         tmp.write_bytes(buffer.getvalue())
 
 
-def make_demo(outdir: str | Path, seed: int = 0, encoder_steps: int = 200) -> Path:
-    """Write the demo dataset and encoder into ``outdir``; return ``outdir``."""
+SHIPPED_ENCODER = Path(__file__).parent / "assets" / "demo_encoder.onnx"  # train_encoder(steps=200, seed=0)
+
+
+def make_demo(outdir: str | Path, seed: int = 0, encoder_steps: int | None = None) -> Path:
+    """Write the demo dataset and encoder into ``outdir``; return ``outdir``.
+
+    ``encoder_steps = None`` copies the shipped encoder (:data:`SHIPPED_ENCODER`, made once by
+    ``train_encoder(steps=200, seed=0)``), so the demo's numbers do not depend on the platform's
+    kernels; a number trains a new encoder with that many steps and ``seed``.
+    """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     frames = make_images(outdir, seed)
@@ -173,7 +181,11 @@ def make_demo(outdir: str | Path, seed: int = 0, encoder_steps: int = 200) -> Pa
     save_csv(test.drop_duplicates("template_id")[["template_id", "subject_id"]], outdir / "test_templates.csv")
     save_csv(test[~half], outdir / "test_gallery.csv")
     save_csv(test[half], outdir / "test_probes.csv")
-    export_onnx(train_encoder(steps=encoder_steps, seed=seed), outdir / "encoder.onnx")
+    if encoder_steps is None:
+        with atomic_path(outdir / "encoder.onnx") as tmp:
+            tmp.write_bytes(SHIPPED_ENCODER.read_bytes())
+    else:
+        export_onnx(train_encoder(steps=encoder_steps, seed=seed), outdir / "encoder.onnx")
     return outdir
 
 
@@ -181,7 +193,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outdir", nargs="?", default="demo_data")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--encoder-steps", type=int, default=200)
+    parser.add_argument("--encoder-steps", type=int, default=None,
+                        help="train a new encoder with this many steps (default: copy the shipped one)")
     args = parser.parse_args()
     start = time.time()
     make_demo(args.outdir, args.seed, args.encoder_steps)

@@ -1,4 +1,4 @@
-"""Pair lists of 1:1 verification protocols, read in bounded memory (issue #11).
+"""Pair lists of 1:1 verification protocols, read in bounded memory.
 
 Two formats: a CSV with header ``template_a,template_b,label`` (1 genuine, 0 impostor), or
 InsightFace's space-separated ``ijbc_template_pair_label.txt`` (``template_a template_b label``,

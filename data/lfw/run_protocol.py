@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"=== [{stage}] done in {timings[stage]:.1f} s", flush=True)
     print(f"\nall stages: {time.perf_counter() - total:.1f} s  ("
           + ", ".join(f"{s} {timings[s]:.1f} s" for s in todo) + ")")
-    print(f"results: {configs['evaluate']['outdir']}results.md" if configs["evaluate"]["outdir"].endswith("/")
-          else f"results: {configs['evaluate']['outdir']}/results.md")
+    if "evaluate" in todo:  # only a run that evaluated has a results file to name
+        print(f"results: {Path(configs['evaluate']['outdir']) / 'results.md'}")
     return timings
 
 

@@ -21,7 +21,7 @@ Reads ``<workdir>/{protocol,labels,test_results}`` and writes ``<workdir>/analys
   ranking comparison (Spearman with true CCS against the norm, subject bootstrap) on AT&T/ORL and
   on the first LFW protocol's test split (``lfw1_labels``: its generate.py outputs), never trained on.
 
-This bootstrap is this script's own (issue #14 fallback); evaluate.py's intervals (issue #10) are
+This bootstrap is this script's own; evaluate.py's intervals are
 switched on in evaluate.toml when available and should agree within Monte-Carlo error.
 """
 from __future__ import annotations
