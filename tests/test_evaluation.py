@@ -379,3 +379,108 @@ def test_bootstrap_off(tmp_path):
     res = pd.read_csv(tmp_path / "out" / "results.csv")
     assert res.tar_lo.isna().all() and res.delta_lo.isna().all() and res.delta.notna().any()
     assert "[" not in (tmp_path / "out" / "results.md").read_text().split("## Template")[1].split("n/a:")[0]
+
+
+def brute_erc_area(quality, genuine_ok, upto):
+    """EDC of one genuine pair per image (the image's own quality), float64 loops: discard the m lowest
+    images, FNMR over the rest; the step integral over [0, upto]."""
+    n = len(quality)
+    order = np.argsort(quality, kind="stable")
+    area = 0.0
+    for m in range(math.floor(0.6 * n) + 1):
+        kept = quality >= quality[order[m]]
+        width = max(0.0, min((m + 1) / n, upto) - m / n)
+        if width:
+            area += (1 - genuine_ok[kept].mean()) * width
+    return area
+
+
+def test_images_against_an_enrolment_set(tmp_path):
+    """[images] enrolment_*: one genuine pair per image (its subject's enrolment photo); SC and the ERC
+    areas equal a float64 brute force; the interval brackets the point."""
+    rng = np.random.default_rng(7)
+    subjects, n = 40, 200
+    centers = rng.normal(size=(subjects, 32))
+    enrol = centers + 0.3 * rng.normal(size=centers.shape)
+    isub = rng.integers(0, subjects, n)
+    noise = rng.uniform(0.3, 3, n)
+    feats = centers[isub] + noise[:, None] * rng.normal(size=(n, 32))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    sim = unit(feats) @ unit(enrol).T
+    ccs = sim[np.arange(n), isub]
+    other = sim.copy()
+    other[np.arange(n), isub] = -np.inf
+    pd.DataFrame({"path": [f"p{i}" for i in range(n)], "subject_id": isub, "ccs": ccs, "ccas": ccs - other.max(1),
+                  "kind": rng.choice(["blur", "noise", "blur+noise"], n), "severity": rng.uniform(0, 1, n)}
+                 ).to_csv(tmp_path / "labels.csv", index=False)
+    pd.DataFrame({"subject_id": np.arange(subjects)}).to_csv(tmp_path / "enrol.csv", index=False)
+    np.save(tmp_path / "feats.npy", feats.astype(np.float32))
+    np.save(tmp_path / "enrol.npy", enrol.astype(np.float32))
+    pred = -noise + 0.3 * rng.normal(size=n)
+    np.save(tmp_path / "pred.npy", pred.astype(np.float32))
+    (tmp_path / "e.toml").write_text(
+        f"outdir = '{tmp_path}/out'\nfmr = [0.05]\nbootstrap = 200\n[images]\nlabels = '{tmp_path}/labels.csv'\n"
+        f"features = '{tmp_path}/feats.npy'\nccs = '{tmp_path}/pred.npy'\nmax_discard = 0.6\n"
+        f"enrolment_labels = '{tmp_path}/enrol.csv'\nenrolment_features = '{tmp_path}/enrol.npy'\n")
+    run(load_evaluate_config(tmp_path / "e.toml"))
+    img = pd.read_csv(tmp_path / "out" / "image_results.csv").set_index("measure")
+    impostor = np.sort(sim[np.arange(subjects)[None, :] != isub[:, None]])[::-1]
+    thr = impostor[math.floor(round(0.05 * impostor.size, 6)) - 1]
+    genuine_ok = ccs > thr
+    assert img.loc["predicted CCS", "threshold"] == pytest.approx(thr, abs=1e-5)
+    assert img.loc["predicted CCS", "sc"] == pytest.approx(scipy.stats.spearmanr(pred.astype(np.float32), ccs)[0],
+                                                           abs=1e-9)
+    for name, q in [("predicted CCS", pred.astype(np.float32)), ("ideal (true CCS)", ccs)]:
+        assert img.loc[name, "erc_auc"] == pytest.approx(brute_erc_area(q, genuine_ok, 0.6), abs=1e-9)
+        assert img.loc[name, "edc_pauc20"] == pytest.approx(brute_erc_area(q, genuine_ok, 0.2), abs=1e-9)
+        assert img.loc[name, "erc_auc_lo"] <= img.loc[name, "erc_auc"] <= img.loc[name, "erc_auc_hi"]
+    assert "against 40 enrolment images" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_cut_agreement_recut_and_breakdown(tmp_path):
+    """[images] cut_agreement / recut / breakdown / bins against numpy: the 2 x 2 shares, the best cut by
+    brute force over every candidate, SC per group ('a+b' counts in both) and per severity bin."""
+    make_inputs(tmp_path)
+    labels = pd.read_csv(tmp_path / "labels.csv")
+    rng = np.random.default_rng(3)
+    labels["kind"] = rng.choice(["blur", "noise", "blur+noise"], len(labels))
+    labels["severity"] = rng.uniform(0, 1, len(labels))
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    config = write_config(tmp_path, f"subjects = '{tmp_path}/subjects.csv'", extra="compare_to = ['weight']")
+    config.write_text(config.read_text() + "cut_agreement = true\nrecut = 30\nbreakdown = ['kind', 'severity']\n"
+                      "[images.bins]\nseverity = [0, 0.5, 1]\n")
+    run(load_evaluate_config(config))
+    out = tmp_path / "out"
+    pred, true = np.load(tmp_path / "pred_ccas.npy"), labels["ccas"].to_numpy()
+    cuts = pd.read_csv(out / "cut_agreement.csv")
+    row = cuts[(cuts.measure == "predicted CCAS") & (cuts.images == "all")].iloc[0]
+    p, t = pred > 0, true > 0
+    assert row.agree == pytest.approx(np.mean(p == t)) and row.pred_pos_true_neg == pytest.approx(np.mean(p & ~t))
+    labelled = np.sort(np.random.default_rng(0).permutation(len(true))[:30])  # seed 0, as the config
+    cand = np.concatenate([[0.0], np.sort(pred[labelled]), (np.sort(pred[labelled])[1:] + np.sort(pred[labelled])[:-1]) / 2])
+    agree = np.array([np.mean((pred[labelled] > c) == (true[labelled] > 0)) for c in cand])
+    best = cand[np.flatnonzero(agree == agree.max())]
+    recut = cuts[cuts.images == "rest, recut"].iloc[0]
+    assert recut.cut == pytest.approx(best[np.argmin(np.abs(best))]) and recut.n == len(true) - 30
+    rest = np.setdiff1d(np.arange(len(true)), labelled)
+    assert recut.agree == pytest.approx(np.mean((pred[rest] > recut.cut) == (true[rest] > 0)))
+    table = pd.read_csv(out / "image_breakdown.csv").set_index(["column", "group"])
+    q = np.load(tmp_path / "pred_ccs.npy")
+    for group, rows in [("blur", labels.kind.str.contains("blur")), ("noise", labels.kind.str.contains("noise"))]:
+        assert table.loc[("kind", group), "images"] == rows.sum()
+        assert table.loc[("kind", group), "sc predicted CCS"] == pytest.approx(
+            scipy.stats.spearmanr(q[rows], labels.ccs[rows])[0], abs=1e-9)
+    high = labels.severity >= 0.5
+    assert table.loc[("severity", "[0.5, 1]"), "images"] == high.sum()
+    assert table.loc[("severity", "[0.5, 1]"), "true_ccas_le0"] == pytest.approx(np.mean(true[high] <= 0))
+    res = pd.read_csv(out / "results.csv").set_index(["variant", "fmr"])
+    assert res.loc[("filter", 1e-2), "delta_weight"] == pytest.approx(
+        res.loc[("filter", 1e-2), "tar"] - res.loc[("weight", 1e-2), "tar"])
+    assert res.loc[("filter", 1e-2), "delta_weight_lo"] <= res.loc[("filter", 1e-2), "delta_weight_hi"]
+    md = (out / "results.md").read_text()
+    assert "### Difference to weight" in md and "## Images by kind" in md and "Does the cut transfer?" in md
+
+
+def test_best_cut_ties_go_towards_zero():
+    assert ev.best_cut(np.array([-0.3, -0.1, 0.2, 0.4]), np.array([-1, -1, 1, 1])) == 0.0
+    assert ev.best_cut(np.array([0.1, 0.2, 0.3, 0.4]), np.array([-1, -1, 1, 1])) == pytest.approx(0.2)  # 0.2 and 0.25 tie

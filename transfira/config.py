@@ -21,6 +21,7 @@ from .errors import TransfiraError
 
 REQUIRED = object()
 ANY_TABLE = "*"
+ANY_VALUE = "**"  # a schema key: the table takes any key whose value is not a table (e.g. column -> bin edges)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -59,13 +60,15 @@ def apply_schema(raw: dict[str, Any], schema: dict[str, Any], source: str, table
                 out[key] = value
         elif any_table is not None and isinstance(value, dict):
             out[key] = apply_schema(value, any_table, source, sub)
+        elif ANY_VALUE in schema and not isinstance(value, dict):
+            out[key] = value
         else:
-            known = [k for k in schema if k != ANY_TABLE]
+            known = [k for k in schema if k not in (ANY_TABLE, ANY_VALUE)]
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
             raise TransfiraError(f"{source}: unknown key '{key}' in {where}{hint}")
     for key, spec in schema.items():
-        if key == ANY_TABLE or key in out:
+        if key in (ANY_TABLE, ANY_VALUE) or key in out:
             continue
         sub = f"{table}.{key}" if table else key
         if spec is REQUIRED:

@@ -365,3 +365,28 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
     den = math.sqrt(float(rx @ rx) * float(ry @ ry))
     return float(rx @ ry / den) if den > 0 else math.nan
+
+
+def cut_agreement(pred_ccas: np.ndarray, true_ccas: np.ndarray, cut: float = 0.0) -> dict[str, float]:
+    """The 2 x 2 table of predicted CCAS > ``cut`` against true CCAS > 0, as shares of the images,
+    with the agreement (diagonal) and both marginals."""
+    p, t = np.asarray(pred_ccas) > cut, np.asarray(true_ccas) > 0
+    return {"true_pos": float(t.mean()), "pred_pos": float(p.mean()), "both_pos": float(np.mean(p & t)),
+            "pred_pos_true_neg": float(np.mean(p & ~t)), "pred_neg_true_pos": float(np.mean(~p & t)),
+            "both_neg": float(np.mean(~p & ~t)), "agree": float(np.mean(p == t))}
+
+
+def best_cut(pred_ccas: np.ndarray, true_ccas: np.ndarray) -> float:
+    """The cut on predicted CCAS whose ``pred > cut`` best reproduces true CCAS > 0 on labelled images
+    (a remedy when the predictions' level drifts on other data): among 0, the predicted values and the
+    midpoints between consecutive ones, the highest agreement, ties broken towards 0."""
+    pred = np.asarray(pred_ccas, np.float64)
+    t = np.asarray(true_ccas) > 0
+    values = np.sort(pred)
+    cand = np.concatenate([[0.0], values, (values[1:] + values[:-1]) / 2])
+    order = np.argsort(pred, kind="stable")
+    pos_below = np.concatenate([[0], np.cumsum(t[order])])  # true positives among the i lowest predictions
+    below = np.searchsorted(values, cand, side="right")  # predictions <= cut
+    agree = (t.sum() - pos_below[below]) + (below - pos_below[below])  # true pos above + true neg at or below
+    best = np.flatnonzero(agree == agree.max())
+    return float(cand[best[np.argmin(np.abs(cand[best]))]])

@@ -13,7 +13,7 @@ import torch
 from . import bootstrap as bs
 from . import evaluation as ev
 from .backbone import resolve_device
-from .config import apply_schema, read_toml
+from .config import ANY_VALUE, apply_schema, read_toml
 from .errors import TransfiraError
 from .progress import progress as progress_bar
 from .io import atomic_path, format_rows, load_id_vectors, numeric_column, read_annotations, save_csv, save_figure
@@ -28,6 +28,7 @@ SCHEMA: dict[str, Any] = {
     "bootstrap": 1000,  # subject-bootstrap replicates for the 95 % intervals; 0 = no intervals
     "seed": 0,
     "threshold_convention": "spec",  # 'insightface' adds rows in InsightFace's nearest-FPR convention
+    "compare_to": [],  # template variants besides baseline that the others get paired differences to
     "templates_dir": "",  # every templates_<name>.npz in this folder is a variant <name>
     "pairs": {
         "path": "",  # template_a,template_b,label CSV or space-separated IJB pair list (1 genuine, 0 impostor)
@@ -51,6 +52,13 @@ SCHEMA: dict[str, Any] = {
         "scores": [],  # columns of quality_csv to evaluate (e.g. ['norm', 'serfiq', 'cr'])
         "path_col_name": "path",  # image path column of 'labels' and 'quality_csv'
         "max_discard": 0.95,
+        "ccas_scores": [],  # columns of quality_csv that are predicted CCAS (SC against the true CCAS)
+        "enrolment_labels": "",  # CSV of enrolment images (identity column): pairs = enrolment x images
+        "enrolment_features": "",  # [M, D] .npy aligned with 'enrolment_labels'
+        "cut_agreement": False,  # 2 x 2 of predicted CCAS > 0 against true CCAS > 0, per CCAS measure
+        "recut": 0,  # N > 0: re-estimate that cut on N images (seeded draw), agreement on the others
+        "breakdown": [],  # columns of 'labels' to break the image rows down by ('a+b' counts in a and b)
+        "bins": {ANY_VALUE: None},  # column -> bin edges for a numeric breakdown column: [e0, e1), ..., [e_k-1, e_k]
     },
 }
 PAUC_UPTO = 0.2  # ISO/IEC 29794-1:2024 partial AUC of the EDC
@@ -96,6 +104,23 @@ def load_evaluate_config(path: str | Path) -> dict[str, Any]:
         raise TransfiraError(f"{path}: [images] scores must be a list of column names")
     if scores and not cfg["images"]["quality_csv"]:
         raise TransfiraError(f"{path}: [images] scores needs quality_csv (test.py's test_quality.csv)")
+    im = cfg["images"]
+    for key in ("ccas_scores", "breakdown"):
+        if not isinstance(im[key], list) or not all(isinstance(x, str) for x in im[key]):
+            raise TransfiraError(f"{path}: [images] {key} must be a list of column names")
+    if im["ccas_scores"] and not im["quality_csv"]:
+        raise TransfiraError(f"{path}: [images] ccas_scores needs quality_csv")
+    if bool(im["enrolment_labels"]) != bool(im["enrolment_features"]):
+        raise TransfiraError(f"{path}: [images] enrolment_labels and enrolment_features go together")
+    if not isinstance(im["recut"], int) or isinstance(im["recut"], bool) or im["recut"] < 0:
+        raise TransfiraError(f"{path}: [images] recut must be an integer >= 0")
+    if not isinstance(im["bins"], dict) or not all(
+            isinstance(e, list) and len(e) >= 2 and all(isinstance(x, (int, float)) for x in e)
+            and all(a < b for a, b in zip(e, e[1:])) for e in im["bins"].values()):
+        raise TransfiraError(f"{path}: [images.bins] must map columns to increasing lists of >= 2 bin edges")
+    compare = cfg["compare_to"]
+    if not isinstance(compare, list) or not all(isinstance(x, str) for x in compare):
+        raise TransfiraError(f"{path}: 'compare_to' must be a list of template variant names")
     if not isinstance(cfg["pairs"]["chunk_rows"], int) or cfg["pairs"]["chunk_rows"] < 1:
         raise TransfiraError(f"{path}: [pairs] chunk_rows must be a positive integer")
     return cfg
@@ -307,12 +332,79 @@ def quality_scores(im: dict, labels: pd.DataFrame, path: str) -> dict[str, np.nd
 SC_REFERENCES = ("norm", "serfiq")  # training-free FIQA baselines: SC differences to them get intervals
 
 
-def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, str]:
+@dataclass
+class ImageLevel:
+    """What :func:`image_level` measured: Table III rows, ERC curves, the cut tables and the breakdown."""
+
+    table: pd.DataFrame
+    curves: dict
+    source: str
+    cuts: pd.DataFrame | None = None
+    breakdown: pd.DataFrame | None = None
+
+
+def image_measures(im: dict, labels: pd.DataFrame, path: str, n: int) -> dict[str, tuple[np.ndarray, str | None]]:
+    """name -> (quality per image, the true label its SC is measured against: 'ccs', 'ccas' or None)."""
+    measures: dict[str, tuple[np.ndarray, str | None]] = {}
+    for key in ("ccs", "ccas"):
+        if im[key]:
+            measures[f"predicted {key.upper()}"] = (load_vector(im[key], n, f"predicted {key}"), key)
+    for col in im["quality_columns"]:
+        measures[col] = (numeric(labels, col, path), "ccs")
+    for col, q in quality_scores(im, labels, path).items():
+        measures[col] = (q, "ccas" if col in im["ccas_scores"] else "ccs")
+    return measures
+
+
+def image_pairs(im: dict, subjects: np.ndarray, feats: np.ndarray, fmrs, chunk: int, device, n_boot: int, seed: int):
+    """The image pairs of the image level: all-vs-all, or every image against the enrolment set.
+
+    Returns (stats, units of the images, genuine pairs as image indices [G, 2], design, counts, source);
+    with an enrolment set both columns of the pairs are the image's index (the enrolment photo is not
+    discarded), and the bootstrap resamples the subjects of both sides.
+    """
+    cross = bool(im["enrolment_labels"])
+    if cross:
+        enrol = read_annotations(im["enrolment_labels"], [im["label_col_name"]], what="enrolment CSV", text=True)
+        enrol_feats = load_vector(im["enrolment_features"], len(enrol), "features")
+        enrol_subjects = enrol[im["label_col_name"]].to_numpy()
+        n_gen, n_imp = ev.count_pairs(enrol_subjects, subjects)
+        (enrol_units, units), n_units = unit_codes(enrol_subjects, subjects)
+        design = bs.cross_design(enrol_units, units, n_units)
+    else:
+        n_gen, n_imp = ev.count_pairs(subjects)
+        (units,), n_units = unit_codes(subjects)
+        enrol_units = units
+        design = bs.all_design(units, n_units)
+    check_pairs(n_gen, n_imp, im["labels"])
+    counts = bs.draw_counts(n_units, n_boot, seed) if n_boot else None
+    keep = bs.keep_top(fmrs, n_imp) if n_boot else 0
+    extra = dict(probe_features=feats, probe_subjects=subjects) if cross else {}
+    while True:
+        stats = ev.all_vs_all_scores(enrol_feats if cross else feats, enrol_subjects if cross else subjects, fmrs,
+                                      chunk, device=device, keep_top=keep, progress="image pairs", **extra)
+        try:
+            rep_thr = (bs.replicate_thresholds(bs.sample_of(stats, enrol_units, units), design, counts, fmrs)
+                       if n_boot else None)
+            break
+        except ev.NeedMoreImpostors:
+            keep = min(n_imp, 4 * keep)
+    pairs = np.repeat(stats.genuine_pairs[:, 1:], 2, axis=1) if cross else stats.genuine_pairs
+    n = len(subjects)
+    source = (f"{n} images of {len(np.unique(subjects))} subjects from {im['labels']} against "
+              f"{len(enrol_subjects)} enrolment images from {im['enrolment_labels']}: {len(stats.genuine)} genuine, "
+              f"{stats.n_impostor} impostor pairs (enrolment x images)" if cross else
+              f"{n} images of {n_units} subjects from {im['labels']}: {len(stats.genuine)} genuine, "
+              f"{stats.n_impostor} impostor pairs (all-vs-all)")
+    return stats, units, pairs, rep_thr, counts, source
+
+
+def image_level(cfg: dict, device: torch.device) -> ImageLevel:
     """SC and ERC/EDC per quality measure (paper Table III), with bootstrap intervals over the
-    subjects of the images; also the curves and a description."""
+    subjects of the images; the curves; optionally the cut tables and a breakdown by columns."""
     im, fmrs, n_boot = cfg["images"], cfg["fmr"], cfg["bootstrap"]
     path = im["labels"]
-    extra = list(im["quality_columns"])
+    extra = list(im["quality_columns"]) + [c for c in im["breakdown"] if c not in im["quality_columns"]]
     labels = read_annotations(path, [im["label_col_name"], im["ccs_col_name"], im["ccas_col_name"]] + extra,
                               what="labels CSV", text=True)
     n = len(labels)
@@ -322,37 +414,17 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
     if feats.ndim != 2:
         raise TransfiraError(f"{im['features']}: features must be [N, D], found shape {feats.shape}")
     true = {"ccs": numeric(labels, im["ccs_col_name"], path), "ccas": numeric(labels, im["ccas_col_name"], path)}
-    measures: dict[str, tuple[np.ndarray, str | None]] = {}  # name -> (quality, SC target)
-    for key in ("ccs", "ccas"):
-        if im[key]:
-            measures[f"predicted {key.upper()}"] = (load_vector(im[key], n, f"predicted {key}"), key)
-    for col in extra:
-        measures[col] = (numeric(labels, col, path), "ccs")
-    for col, q in quality_scores(im, labels, path).items():
-        measures[col] = (q, "ccs")
+    measures = image_measures(im, labels, path, n)
     measures["ideal (true CCS)"] = (true["ccs"], None)
 
-    subjects = labels[im["label_col_name"]].to_numpy()
-    n_gen, n_imp = ev.count_pairs(subjects)
-    check_pairs(n_gen, n_imp, path)
-    (units,), n_units = unit_codes(subjects)
-    design = bs.all_design(units, n_units)
-    counts = bs.draw_counts(n_units, n_boot, cfg["seed"]) if n_boot else None
-    keep = bs.keep_top(fmrs, n_imp) if n_boot else 0
-    while True:
-        stats = ev.all_vs_all_scores(feats, subjects, fmrs, cfg["chunk_size"], device=device, keep_top=keep,
-                                      progress="image pairs")
-        try:
-            rep_thr = bs.replicate_thresholds(bs.sample_of(stats, units), design, counts, fmrs) if n_boot else None
-            break
-        except ev.NeedMoreImpostors:
-            keep = min(n_imp, 4 * keep)
+    stats, units, pairs, rep_thr, counts, source = image_pairs(
+        im, labels[im["label_col_name"]].to_numpy(), feats, fmrs, cfg["chunk_size"], device, n_boot, cfg["seed"])
     thresholds = ev.fmr_thresholds(stats.impostor_top, stats.n_impostor, fmrs)
     uptos = [im["max_discard"], PAUC_UPTO]
     boot: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (SC [R], areas [R, F, 2])
     if n_boot:
-        gen_units = units[stats.genuine_pairs[:, 0]]
-        ercs = {name: bs.ErcBootstrap(q, units, stats.genuine_pairs, gen_units) for name, (q, _) in measures.items()}
+        gen_units = units[pairs[:, 0]]
+        ercs = {name: bs.ErcBootstrap(q, units, pairs, gen_units) for name, (q, _) in measures.items()}
         boot = {name: (np.full(n_boot, np.nan), np.full((n_boot, len(fmrs), 2), np.nan)) for name in measures}
         for lo, hi in progress_bar(bs.batches(n_boot, n + len(stats.genuine)), desc="image bootstrap",
                                    unit="batch"):
@@ -374,7 +446,7 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
             row = dict(measure=name, target=target or "", sc=sc, fmr=fmr, threshold=thr,
                        fnmr=np.nan, erc_auc=np.nan, edc_pauc20=np.nan)
             if not np.isnan(thr):
-                frac, fnmr = ev.erc_curve(q, stats.genuine_pairs, fnm, im["max_discard"])
+                frac, fnmr = ev.erc_curve(q, pairs, fnm, im["max_discard"])
                 curves.setdefault(fmr, {})[name] = (frac, fnmr)
                 if np.isnan(fnmr).any() and not warned:
                     warned = True
@@ -397,9 +469,74 @@ def image_level(cfg: dict, device: torch.device) -> tuple[pd.DataFrame, dict, st
                     if not np.isnan(row[col]):
                         row[f"{col}_lo"], row[f"{col}_hi"] = bs.interval(areas[:, fi, k])
             rows.append(row)
-    source = (f"{n} images of {n_units} subjects from {path}: {len(stats.genuine)} genuine, {stats.n_impostor} "
-              f"impostor pairs (all-vs-all)")
-    return pd.DataFrame(rows), curves, source
+    ccas_measures = {name: q for name, (q, target) in measures.items() if target == "ccas"}
+    cuts = cut_tables(ccas_measures, true["ccas"], im["recut"], cfg["seed"]) if im["cut_agreement"] else None
+    breakdown = (breakdown_table(labels, im["breakdown"], im["bins"], measures, true, ccas_measures, path)
+                 if im["breakdown"] else None)
+    return ImageLevel(pd.DataFrame(rows), curves, source, cuts, breakdown)
+
+
+def cut_tables(ccas_measures: dict[str, np.ndarray], true_ccas: np.ndarray, recut: int, seed: int) -> pd.DataFrame:
+    """cut_agreement.csv: per predicted-CCAS measure the 2 x 2 at cut 0 on all images; with ``recut`` = N
+    also the cut re-estimated on N images drawn with ``seed`` (:func:`transfira.evaluation.best_cut`) and
+    the agreement on the other images at cut 0 and at that cut."""
+    if not ccas_measures:
+        raise TransfiraError("[images] cut_agreement needs a predicted CCAS ('ccas' or 'ccas_scores')")
+    n = len(true_ccas)
+    if recut >= n:
+        raise TransfiraError(f"[images] recut = {recut} leaves no image to test the new cut on ({n} images)")
+    labelled = np.sort(np.random.default_rng(seed).permutation(n)[:recut]) if recut else None
+    rest = np.setdiff1d(np.arange(n), labelled) if recut else None
+    rows = []
+    for name, q in ccas_measures.items():
+        rows.append(dict(measure=name, images="all", n=n, cut=0.0, **ev.cut_agreement(q, true_ccas)))
+        if recut:
+            cut = ev.best_cut(q[labelled], true_ccas[labelled])
+            for c, what in ((0.0, "rest, cut 0"), (cut, "rest, recut")):
+                rows.append(dict(measure=name, images=what, n=len(rest), cut=c,
+                                 **ev.cut_agreement(q[rest], true_ccas[rest], c)))
+    return pd.DataFrame(rows)
+
+
+def group_rows(values: pd.Series, edges: list[float] | None) -> dict[str, np.ndarray]:
+    """Row indices per group: per bin ``[e_i, e_i+1)`` (the last closed) of a numeric column, else per
+    value, a value 'a+b' counting in group a and in group b."""
+    if edges is not None:
+        x = values.to_numpy(np.float64)
+        out = {}
+        for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            last = i == len(edges) - 2
+            rows = np.flatnonzero((x >= lo) & ((x <= hi) if last else (x < hi)))
+            out[f"[{lo:g}, {hi:g}{']' if last else ')'}"] = rows
+        return out
+    parts = values.astype(str).str.split("+")
+    groups: dict[str, list[int]] = {}
+    for i, kinds in enumerate(parts):
+        for kind in kinds:
+            groups.setdefault(kind, []).append(i)
+    return {k: np.array(groups[k]) for k in sorted(groups)}
+
+
+def breakdown_table(labels: pd.DataFrame, columns: list[str], bins: dict, measures: dict, true: dict,
+                    ccas_measures: dict[str, np.ndarray], path: str) -> pd.DataFrame:
+    """image_breakdown.csv: per breakdown column and group, the images, the share with true CCAS <= 0,
+    the mean true CCS, each measure's SC (point estimates) and each predicted CCAS's agreement at cut 0."""
+    rows = []
+    for col in columns:
+        values = labels[col]
+        if col in bins:
+            values = pd.Series(numeric(labels, col, path))
+        for group, idx in group_rows(values, bins.get(col)).items():
+            row = dict(column=col, group=group, images=len(idx),
+                       true_ccas_le0=float(np.mean(true["ccas"][idx] <= 0)) if len(idx) else np.nan,
+                       mean_true_ccs=float(np.mean(true["ccs"][idx])) if len(idx) else np.nan)
+            for name, (q, target) in measures.items():
+                if target:
+                    row[f"sc {name}"] = ev.spearman(q[idx], true[target][idx]) if len(idx) > 1 else np.nan
+            for name, q in ccas_measures.items():
+                row[f"agree {name}"] = ev.cut_agreement(q[idx], true["ccas"][idx])["agree"] if len(idx) else np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def fmt_fmr(fmr: float) -> str:
@@ -454,32 +591,47 @@ def fmt_ci(x: float, lo: float, hi: float, sign: bool = False) -> str:
     return f"{value} [{lo:.2f}, {hi:.2f}]"
 
 
-def verification_table(results: dict[str, VariantResult], fmrs: list[float], n_boot: int) -> pd.DataFrame:
+def delta_column(ref: str) -> str:
+    """results.csv's column of the paired difference to template variant ``ref``."""
+    return "delta" if ref == "baseline" else f"delta_{ref}"
+
+
+def verification_table(results: dict[str, VariantResult], fmrs: list[float], n_boot: int,
+                       compare_to: list[str] = ()) -> pd.DataFrame:
     """results.csv: one row per (variant, FMR) with TAR, threshold, interval and the paired difference
-    to ``baseline``; then the nearest-FPR rows (convention 'insightface') when asked for."""
-    base = results.get("baseline")
+    to ``baseline`` and to each variant of ``compare_to``; then the nearest-FPR rows (convention
+    'insightface') when asked for."""
+    missing = [ref for ref in compare_to if ref not in results]
+    if missing:
+        raise TransfiraError(f"compare_to: no template variant {', '.join(missing)} (variants: {', '.join(results)})")
+    refs = ["baseline", *compare_to]
+    nan = np.full(len(fmrs), np.nan)
     rows = []
     for v, res in results.items():
-        lo = hi = d_lo = d_hi = np.full(len(fmrs), np.nan)
-        delta = res.tar - base.tar if base is not None else np.full(len(fmrs), np.nan)
-        if res.replicates is not None:
-            lo, hi = bs.interval(res.replicates)
-            if base is not None:
+        lo, hi = bs.interval(res.replicates) if res.replicates is not None else (nan, nan)
+        deltas = {}
+        for ref in refs:
+            base = results.get(ref)
+            d_lo = d_hi = nan
+            if base is not None and res.replicates is not None:
                 d_lo, d_hi = bs.interval(res.replicates - base.replicates)
+            col = delta_column(ref)
+            deltas[col] = res.tar - base.tar if base is not None else nan
+            deltas[f"{col}_lo"], deltas[f"{col}_hi"] = d_lo, d_hi
         for i, f in enumerate(fmrs):
             rows.append(dict(variant=v, fmr=f, tar=res.tar[i], threshold=res.threshold[i], tar_lo=lo[i],
-                             tar_hi=hi[i], delta=delta[i], delta_lo=d_lo[i], delta_hi=d_hi[i], convention="spec"))
+                             tar_hi=hi[i], **{k: x[i] for k, x in deltas.items()}, convention="spec"))
     for v, res in results.items():
         if res.insightface is not None:
             for f, t, h in zip(fmrs, *res.insightface):
                 rows.append(dict(variant=f"{v} ({INSIGHTFACE})", fmr=f, tar=t, threshold=h, tar_lo=np.nan,
-                                 tar_hi=np.nan, delta=np.nan, delta_lo=np.nan, delta_hi=np.nan,
-                                 convention="insightface"))
+                                 tar_hi=np.nan, **{f"{delta_column(r)}{e}": np.nan for r in refs
+                                                   for e in ("", "_lo", "_hi")}, convention="insightface"))
     return pd.DataFrame(rows)
 
 
 def verification_markdown(table: pd.DataFrame, fmrs: list[float], source: str, first: ev.ScoreStats,
-                          n_boot: int, seed: int) -> list[str]:
+                          n_boot: int, seed: int, compare_to: list[str] = ()) -> list[str]:
     names = list(dict.fromkeys(table.variant))
     cells = {v: [fmt_ci(r.tar, r.tar_lo, r.tar_hi) for r in table[table.variant == v].itertuples()] for v in names}
     header = ["Variant"] + [f"FMR={fmt_fmr(f)}" for f in fmrs]
@@ -497,15 +649,43 @@ def verification_markdown(table: pd.DataFrame, fmrs: list[float], source: str, f
     if n_boot:
         md[-1] += (f" [lo, hi]: 95 % percentile interval of a bootstrap over subjects ({n_boot} replicates, "
                    f"seed {seed}; thresholds recomputed in every replicate).")
-        spec = table[(table.convention == "spec") & (table.variant != "baseline")]
-        if "baseline" in names and len(spec) and spec.delta_lo.notna().any():
-            diff = [[v] + [fmt_ci(r.delta, r.delta_lo, r.delta_hi, sign=True)
-                           for r in spec[spec.variant == v].itertuples()] for v in dict.fromkeys(spec.variant)]
-            md += ["", "### Difference to baseline (paired bootstrap, same replicates)", "",
-                   markdown_table(["Variant"] + [f"FMR={fmt_fmr(f)}" for f in fmrs], diff), "",
-                   "TAR(variant) - TAR(baseline); an interval that excludes 0 is a difference beyond "
-                   "subject-sampling noise."]
+        for ref in ["baseline", *compare_to]:
+            col = delta_column(ref)
+            spec = table[(table.convention == "spec") & (table.variant != ref)]
+            if ref in names and len(spec) and spec[f"{col}_lo"].notna().any():
+                diff = [[v] + [fmt_ci(r[col], r[f"{col}_lo"], r[f"{col}_hi"], sign=True)
+                               for r in spec[spec.variant == v].to_dict("records")] for v in dict.fromkeys(spec.variant)]
+                md += ["", f"### Difference to {ref} (paired bootstrap, same replicates)", "",
+                       markdown_table(["Variant"] + [f"FMR={fmt_fmr(f)}" for f in fmrs], diff), "",
+                       f"TAR(variant) - TAR({ref}); an interval that excludes 0 is a difference beyond "
+                       "subject-sampling noise."]
     return md + [""]
+
+
+def cuts_markdown(cuts: pd.DataFrame) -> list[str]:
+    body = [[r.measure, r.images, str(r.n), f"{r.cut:+.4f}", *(fmt(getattr(r, c), 3) for c in (
+        "true_pos", "pred_pos", "both_pos", "pred_pos_true_neg", "pred_neg_true_pos", "both_neg", "agree"))]
+            for r in cuts.itertuples()]
+    return ["## Does the cut transfer? Predicted CCAS > cut against true CCAS > 0", "",
+            markdown_table(["Measure", "images", "n", "cut", "true > 0", "pred > 0", "both > 0",
+                            "pred > 0, true <= 0", "pred <= 0, true > 0", "both <= 0", "agree"], body), "",
+            "Shares of the images. 'rest': the images not used to re-estimate the cut ([images] recut: the "
+            "cut that best reproduces true CCAS > 0 on N images drawn with the seed), at cut 0 and at that cut.",
+            ""]
+
+
+def breakdown_markdown(table: pd.DataFrame) -> list[str]:
+    md = []
+    value_cols = [c for c in table.columns if c.startswith(("sc ", "agree "))]
+    for col, sub in table.groupby("column", sort=False):
+        body = [[r["group"], str(r["images"]), fmt(r["true_ccas_le0"], 3), fmt(r["mean_true_ccs"], 3),
+                 *(fmt(r[c], 3) for c in value_cols)] for r in sub.to_dict("records")]
+        md += [f"## Images by {col}", "",
+               markdown_table([col, "images", "true CCAS <= 0", "mean true CCS",
+                               *(f"SC {c[3:]}" if c.startswith("sc ") else f"cut agreement {c[6:]}"
+                                 for c in value_cols)], body), ""]
+    return md + ["SC per group: Spearman of each measure with its true value within the group (point estimates); "
+                 "cut agreement: share of the group where predicted CCAS > 0 agrees with true CCAS > 0.", ""]
 
 
 def run(cfg: dict[str, Any]) -> None:
@@ -519,13 +699,15 @@ def run(cfg: dict[str, Any]) -> None:
     written = []
     if cfg["templates"]:
         results, source = verification(cfg, device)
-        table = verification_table(results, fmrs, n_boot)
+        table = verification_table(results, fmrs, n_boot, cfg["compare_to"])
         save_csv(table, out / "results.csv")
         plot_roc({v: r.stats for v, r in results.items()}, fmrs, out / "roc.png")
         written += ["results.csv", "roc.png"]
-        md += verification_markdown(table, fmrs, source, next(iter(results.values())).stats, n_boot, cfg["seed"])
+        md += verification_markdown(table, fmrs, source, next(iter(results.values())).stats, n_boot, cfg["seed"],
+                                    cfg["compare_to"])
     if cfg["images"]["labels"]:
-        table, curves, source = image_level(cfg, device)
+        level = image_level(cfg, device)
+        table, curves, source = level.table, level.curves, level.source
         save_csv(table, out / "image_results.csv")
         written.append("image_results.csv")
         for fmr, c in curves.items():
@@ -556,6 +738,14 @@ def run(cfg: dict[str, Any]) -> None:
                + (f" [lo, hi]: 95 % percentile interval of a bootstrap over the images' subjects ({n_boot} "
                   f"replicates, seed {cfg['seed']}; thresholds recomputed in every replicate)." if n_boot else ""),
                ""]
+        if level.cuts is not None:
+            save_csv(level.cuts, out / "cut_agreement.csv")
+            written.append("cut_agreement.csv")
+            md += cuts_markdown(level.cuts)
+        if level.breakdown is not None:
+            save_csv(level.breakdown, out / "image_breakdown.csv")
+            written.append("image_breakdown.csv")
+            md += breakdown_markdown(level.breakdown)
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(md))
     print(f"wrote {', '.join(['results.md'] + written)} to {out}")
