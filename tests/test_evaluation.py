@@ -484,3 +484,13 @@ def test_cut_agreement_recut_and_breakdown(tmp_path):
 def test_best_cut_ties_go_towards_zero():
     assert ev.best_cut(np.array([-0.3, -0.1, 0.2, 0.4]), np.array([-1, -1, 1, 1])) == 0.0
     assert ev.best_cut(np.array([0.1, 0.2, 0.3, 0.4]), np.array([-1, -1, 1, 1])) == pytest.approx(0.2)  # 0.2 and 0.25 tie
+
+
+def test_cut_agreement_and_best_cut_on_a_drifted_level():
+    true = np.array([0.2, 0.1, -0.1, -0.3, 0.05, -0.02])
+    pred = true + 0.15  # the level drifted up by 0.15
+    a = ev.cut_agreement(pred, true)
+    assert a["agree"] == pytest.approx(4 / 6) and a["pred_pos"] == 1 - 1 / 6
+    assert sum(a[k] for k in ("both_pos", "pred_pos_true_neg", "pred_neg_true_pos", "both_neg")) == pytest.approx(1)
+    cut = ev.best_cut(pred, true)
+    assert ev.cut_agreement(pred, true, cut)["agree"] == 1.0 and 0.1 <= cut <= 0.2

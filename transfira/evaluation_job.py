@@ -310,14 +310,15 @@ def load_vector(path: str, n: int, what: str) -> np.ndarray:
 
 
 def quality_scores(im: dict, labels: pd.DataFrame, path: str) -> dict[str, np.ndarray]:
-    """The ``scores`` columns of ``quality_csv`` (test.py's test_quality.csv), rows matched to the
-    labels CSV by the image path column."""
-    if not im["scores"]:
+    """The ``scores`` and ``ccas_scores`` columns of ``quality_csv`` (test.py's test_quality.csv), rows
+    matched to the labels CSV by the image path column."""
+    columns = list(dict.fromkeys(im["scores"] + im["ccas_scores"]))
+    if not columns:
         return {}
     pcol, qpath = im["path_col_name"], im["quality_csv"]
     if pcol not in labels.columns:
         raise TransfiraError(f"{path}: missing column '{pcol}' ([images] path_col_name) to match {qpath}")
-    quality = read_annotations(qpath, [pcol] + list(im["scores"]), what="quality CSV", text=True)
+    quality = read_annotations(qpath, [pcol] + columns, what="quality CSV", text=True)
     index = pd.Index(quality[pcol])
     if not index.is_unique:
         raise TransfiraError(f"{qpath}: duplicate image paths, e.g. {index[index.duplicated()][:3].tolist()}")
@@ -326,7 +327,7 @@ def quality_scores(im: dict, labels: pd.DataFrame, path: str) -> dict[str, np.nd
         raise TransfiraError(f"{qpath}: {int((rows < 0).sum())} image(s) of {path} missing, e.g. "
                              f"{', '.join(labels[pcol][rows < 0].head(3))}")
     quality = quality.iloc[rows].reset_index(drop=True)
-    return {col: numeric(quality, col, qpath) for col in im["scores"]}
+    return {col: numeric(quality, col, qpath) for col in columns}
 
 
 SC_REFERENCES = ("norm", "serfiq")  # training-free FIQA baselines: SC differences to them get intervals

@@ -1,4 +1,4 @@
-"""Print the tables of docs/results_lfw_video.md from both encoders' analysis/results.json and timings.json.
+"""Print the tables of docs/results_lfw_video.md from both encoders' evaluate-stage outputs and timings.json.
 
     python data/lfw_video/doc_tables.py output/lfw_video/mobilefacenet_arcface output/lfw_video/w600k_mbf
 """
@@ -8,49 +8,52 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 ROWS = [("baseline", "baseline (mean)"), ("norm_weight", "norm-weighted"), ("serfiq_weight", "SER-FIQ-weighted"),
-        ("e2e_weight", "TransFIRA weight (e2e)"), ("e2e_filter", "TransFIRA filter (e2e)"),
+        ("weight", "TransFIRA weight"), ("filter", "TransFIRA filter"), ("filter_weight", "TransFIRA filter + weight"),
         ("e2e_filter_weight", "TransFIRA filter + weight (e2e)"),
-        ("ridge_weight", "frozen ridge weight"), ("ridge_filter", "frozen ridge filter"),
-        ("ridge_filter_weight", "frozen ridge filter + weight"),
-        ("ridge_all_filter_weight", "frozen ridge filter + weight, all train ids"),
-        ("ridge_lognorm_filter_weight", "frozen ridge + log-norm, filter + weight, all train ids"),
+        ("disk_raw_filter_weight", "ridge on disk frames, raw z, filter + weight"),
+        ("disk_unit_filter_weight", "ridge on disk frames, unit + log norm, filter + weight"),
         ("true_filter_weight", "true-label bound (filter + weight)")]
 
 
-def cell(v: dict, key: str, f: int) -> str:
-    lo, hi = v[f"{key}_ci" if key != "tar" else "ci"][f]
-    x = v[key][f]
-    return f"{x:.3f} [{lo:.3f}, {hi:.3f}]" if key == "tar" else f"{x:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+def ci(x: float, lo: float, hi: float, sign: bool = False) -> str:
+    return f"{x:+.3f} [{lo:+.3f}, {hi:+.3f}]" if sign else f"{x:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def main() -> None:
-    runs = {Path(p).name: json.loads((Path(p) / "analysis" / "results.json").read_text()) for p in sys.argv[1:]}
-    for name, r in runs.items():
-        print(f"\n#### {name}: Table II ({r['identities']} identities, {r['genuine']} genuine / {r['impostor']} impostor pairs)\n")
-        print("| row | TAR@1e-3 [95 %] | width | TAR@1e-4 [95 %] | width | vs mean @1e-3 | vs mean @1e-4 | vs norm @1e-3 | vs norm @1e-4 |")
-        print("|---|---|---|---|---|---|---|---|---|")
+    for work in map(Path, sys.argv[1:]):
+        tar = pd.read_csv(work / "evaluation" / "results.csv")
+        fmrs = sorted(tar["fmr"].unique(), reverse=True)
+        print(f"\n#### {work.name}: Table II\n")
+        print("| row | " + " | ".join(f"TAR@{f:g} [95 %]" for f in fmrs) + " | "
+              + " | ".join(f"vs mean @{f:g}" for f in fmrs) + " | " + " | ".join(f"vs norm @{f:g}" for f in fmrs) + " |")
+        print("|---|" + "---|" * 3 * len(fmrs))
         for key, label in ROWS:
-            if key not in r["tar"]:
+            rows = tar[tar["variant"] == key].set_index("fmr")
+            if rows.empty:
                 continue
-            v = r["tar"][key]
-            w = [v["ci"][f][1] - v["ci"][f][0] for f in range(2)]
-            print(f"| {label} | {cell(v, 'tar', 0)} | {w[0]:.3f} | {cell(v, 'tar', 1)} | {w[1]:.3f} | "
-                  f"{cell(v, 'delta_baseline', 0)} | {cell(v, 'delta_baseline', 1)} | "
-                  f"{cell(v, 'delta_norm_weight', 0)} | {cell(v, 'delta_norm_weight', 1)} |")
-        print(f"\n#### {name}: Table III (image level, {r['frames']} test frames)\n")
-        e3, e4 = (r["erc"][k] for k in list(r["erc"])[:2])
-        print("| score | Spearman with true CCS [95 %] | minus norm [95 %] | ERC area @1e-3 [95 %] | ERC area @1e-4 [95 %] |")
-        print("|---|---|---|---|---|")
-        for k, v in r["spearman"].items():
-            a3, a4 = e3["auc"].get(k), e4["auc"].get(k)
-            c3, c4 = e3.get("auc_ci", {}).get(k, [float("nan")] * 2), e4.get("auc_ci", {}).get(k, [float("nan")] * 2)
-            print(f"| {k} | {v['spearman']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] | "
-                  f"[{v['delta_norm_ci'][0]:+.3f}, {v['delta_norm_ci'][1]:+.3f}] | {a3:.4f} [{c3[0]:.4f}, {c3[1]:.4f}] | "
-                  f"{a4:.4f} [{c4[0]:.4f}, {c4[1]:.4f}] |")
-        print(f"| true CCS (ideal) | 1 | | {e3['auc']['true CCS']:.4f} | {e4['auc']['true CCS']:.4f} |")
-        timings = json.loads((Path(sys.argv[1 + list(runs).index(name)]) / "timings.json").read_text())
-        print(f"\ntimings {name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+            cells = [ci(rows.tar[f], rows.tar_lo[f], rows.tar_hi[f]) for f in fmrs]
+            cells += [ci(rows.delta[f], rows.delta_lo[f], rows.delta_hi[f], True) for f in fmrs]
+            cells += [ci(rows.delta_norm_weight[f], rows.delta_norm_weight_lo[f], rows.delta_norm_weight_hi[f], True)
+                      for f in fmrs]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+        img = pd.read_csv(work / "evaluation" / "image_results.csv")
+        print(f"\n#### {work.name}: Table III (image level)\n")
+        print("| score | Spearman with its true value [95 %] | minus norm [95 %] | "
+              + " | ".join(f"ERC area @{f:g} [95 %]" for f in fmrs) + " |")
+        print("|---|---|---|" + "---|" * len(fmrs))
+        for measure, rows in img.groupby("measure", sort=False):
+            rows = rows.set_index("fmr")
+            r = rows.iloc[0]
+            sc = ci(r.sc, r.sc_lo, r.sc_hi) + f" ({r.target.upper()})" if isinstance(r.target, str) else "n/a"
+            minus = (ci(r.sc_minus_norm, r.sc_minus_norm_lo, r.sc_minus_norm_hi, True)
+                     if "sc_minus_norm" in rows and not pd.isna(r.sc_minus_norm) else "")
+            areas = [f"{rows.erc_auc[f]:.4f} [{rows.erc_auc_lo[f]:.4f}, {rows.erc_auc_hi[f]:.4f}]" for f in fmrs]
+            print(f"| {measure} | {sc} | {minus} | " + " | ".join(areas) + " |")
+        timings = json.loads((work / "timings.json").read_text())
+        print(f"\ntimings {work.name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
 
 
 if __name__ == "__main__":

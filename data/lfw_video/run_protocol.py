@@ -53,6 +53,11 @@ def train_runs(configs: dict[str, dict]) -> list[str]:
     return ["train"] + sorted(k for k in configs if k.startswith("train_"))
 
 
+def evaluate_runs(configs: dict[str, dict]) -> list[str]:
+    """The evaluate configs: ``evaluate`` (the test split) and ``evaluate_<name>`` (the transfer sets)."""
+    return ["evaluate"] + sorted(k for k in configs if k.startswith("evaluate_"))
+
+
 def final_checkpoint(train: dict[str, Any]) -> Path:
     epochs = train["opt"]["num_epochs"]
     return Path(train["checkpoint_outdir"]) / train["run_name"] / f"{Path(train['model_path']).stem}_{epochs:04}.pt"
@@ -60,8 +65,10 @@ def final_checkpoint(train: dict[str, Any]) -> Path:
 
 def load_configs(config_dir: Path, workdir: str | None, overrides: list[str]) -> tuple[dict[str, dict], str]:
     """Stage configs with overrides applied; the work dir is analyse.toml's ``workdir``. Besides one
-    TOML per stage, ``train_<name>.toml`` files are further training runs of the train stage."""
-    names = list(STAGES) + sorted(p.stem for p in config_dir.glob("train_*.toml"))
+    TOML per stage, ``train_<name>.toml`` files are further training runs of the train stage and
+    ``evaluate_<name>.toml`` further evaluations of the evaluate stage."""
+    names = list(STAGES) + sorted(p.stem for pattern in ("train_*.toml", "evaluate_*.toml")
+                                  for p in config_dir.glob(pattern))
     configs = {s: tomllib.loads((config_dir / f"{s}.toml").read_text()) for s in names}
     default = configs["analyse"]["workdir"].rstrip("/")
     workdir = (workdir or default).rstrip("/")
@@ -123,7 +130,6 @@ def commands(configs: dict[str, dict], paths: dict[str, Path]) -> dict[str, list
         "test": [py, "test.py", "--config", str(paths["test"]), "--predict_scores", "--aggregate_features",
                  "--all_variants", "--features_path", features],
         "analyse": [py, SCRIPTS["analyse"], "--config", str(paths["analyse"])],
-        "evaluate": [py, "evaluate.py", "--config", str(paths["evaluate"])],
     }
 
 
@@ -165,6 +171,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 begin = time.perf_counter()
                 code = subprocess.run(cmd, cwd=ROOT).returncode if cmd else 0
                 timings[run] = round(time.perf_counter() - begin, 1)
+                if code:
+                    break
+        elif stage == "evaluate":
+            code = 0
+            for run in evaluate_runs(configs):
+                labels = configs[run].get("images", {}).get("labels", "")
+                if run != "evaluate" and not Path(labels).is_file():  # a transfer set analyse.py did not write
+                    print(f"\n=== [evaluate] {run}: skipped, no {labels}", flush=True)
+                    continue
+                print(f"\n=== [evaluate] {run}: evaluate.py --config {paths[run]}", flush=True)
+                code = subprocess.run([sys.executable, "evaluate.py", "--config", str(paths[run])], cwd=ROOT).returncode
                 if code:
                     break
         else:

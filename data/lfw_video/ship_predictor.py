@@ -1,5 +1,5 @@
 """Copy the recipe's predictor of one encoder's run into ``pretrained_weights/`` with the facts its
-model card needs: the encoder file's SHA-256, the headline numbers of ``analysis/results.json`` and a
+model card needs: the encoder file's SHA-256, the headline numbers of the evaluate stage and a
 small sample of scores that ``tests/test_pretrained.py`` reproduces.
 
     python data/lfw_video/ship_predictor.py --workdir output/lfw_video/mobilefacenet_arcface \\
@@ -16,6 +16,8 @@ import shutil
 import sys
 import tomllib
 from pathlib import Path
+
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -42,42 +44,44 @@ def main(argv: list[str] | None = None) -> None:
     shutil.copyfile(heads, target)
     predictor = Predictor.from_files(args.model, target, device="cpu")
     scores = predictor.score([Path(args.shared) / s for s in SAMPLE])
-    r = json.loads((work / "analysis" / "results.json").read_text())
     sample = {"paths": SAMPLE, "ccs": [round(float(x), 5) for x in scores.ccs],
               "ccas": [round(float(x), 5) for x in scores.ccas]}
     print(f"encoder file: `{Path(args.model).name}`\nencoder sha256: `{file_sha256(args.model)}`\n"
           f"checkpoint: `{target.name}`, {target.stat().st_size} bytes, sha256 `{file_sha256(target)}`\n")
-    print("Spearman with true CCS (video-like LFW test frames):")
-    for k in ("norm", "serfiq", "transfira CCS"):
-        if k in r["spearman"]:
-            v = r["spearman"][k]
-            print(f"  {k}: {v['spearman']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]"
-                  f" minus norm {v.get('delta_norm', 0):+.3f} [{v['delta_norm_ci'][0]:+.3f}, {v['delta_norm_ci'][1]:+.3f}]"
-                  + (f" minus serfiq {v['delta_serfiq']:+.3f} [{v['delta_serfiq_ci'][0]:+.3f}, {v['delta_serfiq_ci'][1]:+.3f}]"
-                     if "delta_serfiq" in v else ""))
-    for k in ("baseline", "norm_weight", "serfiq_weight", "transfira_filter_weight", "true_filter_weight"):
-        if k in r["tar"]:
-            t = r["tar"][k]
-            print(f"  TAR {k}: " + " / ".join(f"{a:.3f} [{lo:.3f}, {hi:.3f}]" for a, (lo, hi) in zip(t["tar"], t["ci"]))
-                  + "  vs mean " + " / ".join(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in
-                                               zip(t["delta_baseline"], t["delta_baseline_ci"]))
-                  + "  vs norm " + " / ".join(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, (lo, hi) in
-                                               zip(t["delta_norm_weight"], t["delta_norm_weight_ci"])))
-    for where in ("orl", "lfw1"):
-        if r.get(where):
-            for k, v in r[where]["ranking"].items():
-                print(f"  {where} {k}: {v['spearman']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] minus norm "
-                      f"{v['delta_norm']:+.3f} [{v['delta_norm_ci'][0]:+.3f}, {v['delta_norm_ci'][1]:+.3f}]")
-    if r.get("orl"):
-        c = r["orl"]["predictors"].get("transfira")
-        if c:
-            print(f"  orl cut: pred > 0 {c['cut0']['pred_pos']:.3f} vs true {c['cut0']['true_pos']:.3f}; agree "
-                  f"{c['cut0']['agree']:.3f}; recut {c['recut']:+.3f}: {c['cut0_rest']['agree']:.3f} -> "
-                  f"{c['recut_rest']['agree']:.3f}")
-    c = r["cut"].get("transfira")
-    if c:
-        print(f"  test cut: pred > 0 {c['pred_pos']:.3f} vs true {c['true_pos']:.3f}; agree {c['agree']:.3f}")
+    for where, title in (("evaluation", "video-like LFW test frames"), ("evaluation_orl", "AT&T/ORL"),
+                         ("evaluation_lfw1", "first LFW protocol, test split")):
+        if (work / where / "image_results.csv").is_file():
+            print(f"Spearman with true CCS ({title}):")
+            ranking_lines(pd.read_csv(work / where / "image_results.csv"))
+    tar = pd.read_csv(work / "evaluation" / "results.csv")
+    for variant in ("baseline", "norm_weight", "serfiq_weight", "filter_weight", "true_filter_weight"):
+        rows = tar[tar["variant"] == variant].sort_values("fmr", ascending=False)
+        if len(rows):
+            print(f"  TAR {variant}: " + " / ".join(f"{r.tar:.3f} [{r.tar_lo:.3f}, {r.tar_hi:.3f}]" for r in rows.itertuples())
+                  + "  vs mean " + " / ".join(f"{r.delta:+.3f} [{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]" for r in rows.itertuples())
+                  + ("  vs norm " + " / ".join(f"{r.delta_norm_weight:+.3f} [{r.delta_norm_weight_lo:+.3f}, "
+                                               f"{r.delta_norm_weight_hi:+.3f}]" for r in rows.itertuples())
+                     if "delta_norm_weight" in rows else ""))
+    for where in ("evaluation", "evaluation_orl"):
+        if (work / where / "cut_agreement.csv").is_file():
+            cuts = pd.read_csv(work / where / "cut_agreement.csv")
+            for r in cuts[cuts["measure"] == "transfira_ccas"].itertuples():
+                print(f"  {where} cut ({r.images}, cut {r.cut:+.3f}): pred > 0 {r.pred_pos:.3f} vs true {r.true_pos:.3f}; "
+                      f"agree {r.agree:.3f}")
     print("\n```json\n" + json.dumps(sample) + "\n```")
+
+
+def ranking_lines(table: pd.DataFrame) -> None:
+    """Each CCS score's Spearman with true CCS and its paired differences to the norm and SER-FIQ."""
+    for r in table.drop_duplicates("measure").to_dict("records"):
+        if r["target"] != "ccs":
+            continue
+        line = f"  {r['measure']}: {r['sc']:.3f} [{r['sc_lo']:.3f}, {r['sc_hi']:.3f}]"
+        for ref in ("norm", "serfiq"):
+            if not pd.isna(r.get(f"sc_minus_{ref}", float("nan"))):
+                line += (f" minus {ref} {r[f'sc_minus_{ref}']:+.3f} [{r[f'sc_minus_{ref}_lo']:+.3f}, "
+                         f"{r[f'sc_minus_{ref}_hi']:+.3f}]")
+        print(line)
 
 
 if __name__ == "__main__":
