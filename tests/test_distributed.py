@@ -93,24 +93,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# rank 1 runs out of memory in a training step's ``what`` ("backward" or "step"), the other ranks do not
+# rank 1 runs out of memory in a training step's ``what``, the other ranks do not: "backward" raises
+# inside autograd's backward (a hook on the loss), "step" in the optimizer step
 OOM_ON_RANK_1 = """import os, runpy, sys, torch
 if os.environ["RANK"] == "1":
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
     if sys.argv[1] == "backward":
-        torch.Tensor.backward = oom
+        backward = torch.Tensor.backward
+        def hooked(self, *args, **kwargs):
+            self.register_hook(oom)
+            return backward(self, *args, **kwargs)
+        torch.Tensor.backward = hooked
     else:
         torch.optim.SGD.step = oom
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+# all_reduce_grads on 2 ranks: gradients on both ranks, on rank 0 only, on none; two dtypes, small buckets
+ALL_REDUCE_GRADS = """import os, torch, torch.distributed as dist
+from transfira import distributed
+dist.init_process_group("gloo", world_size=2, rank=int(os.environ["RANK"]))
+rank = dist.get_rank()
+distributed.GRAD_BUCKET_BYTES = 64  # the 20-value gradient alone, the others grouped by dtype
+params = [torch.nn.Parameter(torch.zeros(n, dtype=d)) for n, d in
+          ((3, torch.float32), (20, torch.float32), (5, torch.float64), (4, torch.float32), (2, torch.float32))]
+frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+local = lambda i: torch.arange(params[i].numel(), dtype=params[i].dtype) * (rank + 1) + i
+for i in (0, 1, 2) if rank == 0 else (0, 1):
+    params[i].grad = local(i)
+distributed.all_reduce_grads(params + [frozen])
+base = lambda i: torch.arange(params[i].numel(), dtype=params[i].dtype)
+for i, want in ((0, base(0) * 1.5), (1, base(1) * 1.5 + 1), (2, (base(2) + 2) / 2)):
+    assert torch.equal(params[i].grad, want), (i, params[i].grad, want)
+assert params[3].grad is None and params[4].grad is None and frozen.grad is None
+print("all_reduce_grads ok")
+"""
+
 
 def launch(cfg: Path, world_size: int = 2, *args: str, script: str = "train.py",
-           prefix: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+           prefix: tuple[str, ...] = (), timeout: float = TIMEOUT) -> list[subprocess.CompletedProcess]:
     """``script`` (default ``train.py``) as ``world_size`` independent ranks (after ``prefix``, e.g.
-    ``-c code``); kill all and fail on a hang."""
+    ``-c code``); kill all and fail on a hang (after ``timeout`` seconds)."""
     port = _free_port()
     procs = []
     for rank in range(world_size):
@@ -122,13 +147,13 @@ def launch(cfg: Path, world_size: int = 2, *args: str, script: str = "train.py",
     results = []
     try:
         for rank, proc in enumerate(procs):
-            out, err = proc.communicate(timeout=TIMEOUT)
+            out, err = proc.communicate(timeout=timeout)
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     except subprocess.TimeoutExpired:
         for proc in procs:
             proc.kill()
         tails = [(p.communicate()[1] or "")[-1500:] for p in procs]
-        pytest.fail(f"{script} hung (rank {rank} still running after {TIMEOUT} s); stderr tails: {tails}")
+        pytest.fail(f"{script} hung (rank {rank} still running after {timeout} s); stderr tails: {tails}")
     return results
 
 
@@ -212,17 +237,71 @@ def test_error_in_validation_on_one_rank_stops_both(tiny, tmp_path):
     assert "broken.png" in lines[0] and "Traceback" not in results[0].stderr + results[1].stderr
 
 
-@pytest.mark.parametrize("what", ["backward", "step"])
-def test_out_of_memory_on_one_rank_stops_both(tiny, tmp_path, what):
-    """An exception in rank 1's optimizer step, or in the backward of an accumulation micro-batch
-    (DDP's no_sync: no gradient all-reduce to mismatch), is agreed like one in the forward: both
-    ranks stop with the same line instead of rank 0 waiting."""
-    cfg = config(tiny, tmp_path, table(tiny, tmp_path, "train", 8), None, grad_accum_steps=2)
-    results = launch(cfg, prefix=("-c", OOM_ON_RANK_1, what))
+@pytest.mark.parametrize("what, accum", [("backward", 1), ("backward", 2), ("step", 2)])
+def test_out_of_memory_on_one_rank_stops_both(tiny, tmp_path, what, accum):
+    """An exception in rank 1's optimizer step, or inside its backward (of a step's last micro-batch,
+    accum 1, or of an accumulation micro-batch), is agreed like one in the forward: both ranks stop
+    quickly with the same line instead of rank 0 waiting in a gradient all-reduce (short timeouts:
+    a hang fails the test)."""
+    cfg = config(tiny, tmp_path, table(tiny, tmp_path, "train", 8), None, grad_accum_steps=accum, env__timeout_s=20)
+    results = launch(cfg, prefix=("-c", OOM_ON_RANK_1, what), timeout=120)
     lines = error_lines(results)
     assert [r.returncode for r in results] == [2, 2], lines
     assert lines[0] == lines[1] and lines[0].startswith("error: epoch 1, step 1: rank 1: out of memory: CUDA out of")
     assert "lower data.batch_size" in lines[0] and "Traceback" not in results[0].stderr + results[1].stderr
+
+
+class PlainEncoder(nn.Module):
+    """TinyEncoder without BatchNorm: training on 2 ranks then computes what one process does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.PReLU(4), nn.Flatten(),
+                                  nn.Linear(4 * (SIZE // 2) ** 2, 8))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("accum", [1, 3])
+def test_two_ranks_train_as_one_process(tiny, tmp_path, accum):
+    """2 ranks of batch 2 = 1 process of batch 4 (DistributedSampler deals the same 4 images to each
+    step), end to end, momentum SGD, with gradient accumulation: the ranks' gradients are averaged."""
+    from transfira.backbone import load_backbone
+    from transfira.config import load_config
+    from transfira.demo import export_onnx
+    from transfira.model import RecognizabilityPredictionNetwork
+    from transfira.training import train
+
+    torch.manual_seed(1)
+    export_onnx(PlainEncoder().eval(), tmp_path / "plain.onnx", input_size=SIZE)
+    csv = table(tiny, tmp_path, "train", 32)
+    runs = {}
+    for world, batch in ((1, 4), (2, 2)):
+        (tmp_path / str(world)).mkdir()
+        cfg = config(tiny, tmp_path / str(world), csv, None, model_path=str(tmp_path / "plain.onnx"),
+                     grad_accum_steps=accum, data__batch_size=batch, opt__momentum=0.9, opt__lr=0.05)
+        if world == 1:
+            train(load_config(cfg, SCHEMA))
+        else:
+            results = launch(cfg)
+            assert [r.returncode for r in results] == [0, 0], error_lines(results)
+        runs[world] = tmp_path / str(world) / "ckpt" / "run"
+    one, two = (torch.load(runs[w] / "plain_0001.pt", weights_only=True) for w in (1, 2))
+    assert one.keys() == two.keys() and any(k.startswith("backbone.") for k in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    state = torch.load(runs[2] / "resume.pt", weights_only=True)
+    assert state["step"] == -(-8 // accum) and state["world_size"] == 2  # 32 images / 4 per step
+    start = RecognizabilityPredictionNetwork(load_backbone("onnx", tmp_path / "plain.onnx"), 8).state_dict()
+    assert all(not torch.equal(one[k], start[k]) for k in one if k.endswith("weight"))  # every layer trained
+
+
+def test_all_reduce_grads_average_and_none(tmp_path):
+    """A gradient None on every rank stays None; None on one rank counts as zeros there; buckets split."""
+    results = launch(tmp_path / "unused.toml", prefix=("-c", ALL_REDUCE_GRADS), timeout=120)
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    assert all("all_reduce_grads ok" in r.stdout for r in results)
 
 
 def test_ridge_start_names_unreadable_image(tiny, tmp_path):

@@ -2,7 +2,7 @@
 external CSVs, score-weighted templates against a hand computation, the [quality] config."""
 from __future__ import annotations
 
-import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from transfira.config import apply_schema
 from transfira.demo import export_onnx
 from transfira.errors import TransfiraError
 from transfira.inference import TEST_SCHEMA
-from transfira.quality import (SerFiq, certainty_ratio, embedding_norm, external_scores, image_keys, minmax,
+from transfira.quality import (SerFiq, certainty_ratio, embedding_norm, external_scores, keep_masks, minmax,
                                score_names, score_templates)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +72,18 @@ def np_mix32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(16))
 
 
-def np_serfiq(x: np.ndarray, path: str, seed: int, m: int, p: float, weight, bias, bn) -> float:
+def np_keep(seed: int, j: int, units: int, p: float) -> np.ndarray:
+    """Pass ``j``'s keep mask [units]: ``mix32(mix32(j * units + f) ^ (seed mod 2^32)) >= p 2^32``, any image."""
+    counter = np.arange(j * units, (j + 1) * units, dtype=np.uint64)
+    return np_mix32(np_mix32(counter) ^ np.uint64(seed % 2 ** 32)) >= np.uint64(round(p * 2 ** 32))
+
+
+def np_serfiq(x: np.ndarray, seed: int, m: int, p: float, weight, bias, bn) -> float:
     """Slow float64 SER-FIQ of one image: prefix output ``x`` [F], linear head, loops over passes and pairs."""
-    key = np.uint64(int.from_bytes(hashlib.sha256(f"{seed}\0{path}".encode()).digest()[:4], "little"))
     mean, var, gamma, beta, eps = bn
     embeddings = []
     for j in range(m):
-        counter = np.arange(j * len(x), (j + 1) * len(x), dtype=np.uint64)
-        keep = np_mix32(np_mix32(counter) ^ key) >= np.uint64(round(p * 2 ** 32))
+        keep = np_keep(seed, j, len(x), p)
         z = weight @ (x * keep / (1 - p)) + bias
         z = (z - mean) / np.sqrt(var + eps) * gamma + beta
         embeddings.append(z / np.linalg.norm(z))
@@ -91,53 +95,57 @@ def test_serfiq_matches_slow_numpy(onnx_models):
     root, head = onnx_models
     net = load_backbone("onnx", root / "linear_head.onnx").eval()
     m, p, seed = 12, 0.4, 3
-    serfiq = SerFiq(net, 112, m=m, p=p, batch=2)
+    serfiq = SerFiq(net, 112, m=m, p=p, seed=seed, batch=2)
     assert serfiq.units == 4 * 7 * 7 and "gemm" in serfiq.layer.lower()
     images = torch.randn(5, 3, 112, 112)
-    paths = [f"img/{i}.png" for i in range(5)]
     with torch.no_grad():
-        embedding, q = serfiq(images, image_keys(paths, seed))
+        embedding, q = serfiq(images)
         np.testing.assert_allclose(embedding.numpy(), net(images).numpy(), rtol=1e-5, atol=1e-6)
         x = torch.flatten(head.body(images), 1).double().numpy()
     w, b = head.fc.weight.double().detach().numpy(), head.fc.bias.double().detach().numpy()
     bn = [t.double().detach().numpy() for t in (head.bn.running_mean, head.bn.running_var, head.bn.weight,
                                                  head.bn.bias)] + [head.bn.eps]
-    expected = [np_serfiq(x[i], paths[i], seed, m, p, w, b, bn) for i in range(5)]
+    expected = [np_serfiq(x[i], seed, m, p, w, b, bn) for i in range(5)]
     np.testing.assert_allclose(q.numpy(), expected, rtol=1e-5)
     assert np.ptp(expected) > 1e-3  # the images differ, so a constant output would fail
     with torch.no_grad():  # p = 0: all passes equal, q = 2 sigmoid(0) = 1
-        assert torch.allclose(SerFiq(net, 112, m=m, p=0.0)(images, image_keys(paths, 0))[1],
+        assert torch.allclose(SerFiq(net, 112, m=m, p=0.0)(images)[1],
                               torch.ones(5, dtype=torch.float64))
 
 
 def test_masks_keep_one_minus_p_and_differ():
-    from transfira.quality import keep_masks, mix32
-
     m, units, p = 50, 400, 0.3
-    counters = mix32(torch.arange(m * units).reshape(m, units))
-    keep = keep_masks(image_keys(["a", "b"], 0), counters, p)
-    assert keep.shape == (2, m, units)
+    keep = keep_masks(0, m, units, p)
+    assert keep.shape == (m, units) and keep.dtype == torch.bool
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
-    assert (keep[0] != keep[1]).float().mean() > 0.3 and (keep[0, 0] != keep[0, 1]).float().mean() > 0.3
-    assert not torch.equal(image_keys(["a"], 0), image_keys(["a"], 1))
-    # the int32 hash equals mix32 on int64, also for keys with the top bit set
-    keys = torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1])
-    assert torch.equal(keep_masks(keys, counters, p), mix32(counters[None] ^ keys[:, None, None]) >= round(p * 2 ** 32))
+    assert (keep[0] != keep[1]).float().mean() > 0.3  # the passes are different subnetworks
+    # another seed: other masks, about as different as independent draws (2 p (1 - p) = 0.42 of the units)
+    for seed in (1, 2 ** 31, 2 ** 32 - 1, -1):
+        assert abs((keep != keep_masks(seed, m, units, p)).float().mean().item() - 2 * p * (1 - p)) < 0.02
+    for seed in (0, 5, 2 ** 32 - 1, -7):  # the independent numpy definition, seeds with the top bit set too
+        expected = np.stack([np_keep(seed, j, units, p) for j in range(m)])
+        np.testing.assert_array_equal(keep_masks(seed, m, units, p).numpy(), expected)
 
 
 def test_serfiq_independent_of_batch_composition(demo_dir):
     net = load_backbone("onnx", demo_dir / "encoder.onnx").eval()
     images = torch.randn(7, 3, 112, 112)
-    keys = image_keys([f"{i}.png" for i in range(7)], 0)
     with torch.no_grad():
-        together = SerFiq(net, 112, m=10, batch=7)(images, keys)[1]
-        alone = torch.cat([SerFiq(net, 112, m=10, batch=1)(images[i:i + 1], keys[i:i + 1])[1] for i in range(7)])
+        serfiq = SerFiq(net, 112, m=10, batch=7)
+        together = serfiq(images)[1]
+        masks = serfiq.masks(torch.device("cpu"), torch.float32)
+        serfiq(images[:2])
+        assert serfiq.masks(torch.device("cpu"), torch.float32) is masks  # built once, then cached
+        alone = torch.cat([SerFiq(net, 112, m=10, batch=1)(images[i:i + 1])[1] for i in range(7)])
         order = torch.tensor([6, 2, 0, 5, 1, 4, 3])
-        shuffled = SerFiq(net, 112, m=10, batch=3)(images[order], keys[order])[1]
-        other_seed = SerFiq(net, 112, m=10, batch=7)(images, image_keys([f"{i}.png" for i in range(7)], 1))[1]
+        shuffled = SerFiq(net, 112, m=10, batch=3)(images[order])[1]
+        split = torch.cat([SerFiq(net, 112, m=10, batch=2)(images[:3])[1], serfiq(images[3:])[1]])
+        other_seed = SerFiq(net, 112, m=10, seed=1, batch=7)(images)[1]
     np.testing.assert_allclose(alone.numpy(), together.numpy(), rtol=1e-6)
     np.testing.assert_allclose(shuffled.numpy(), together[order].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(split.numpy(), together.numpy(), rtol=1e-6)
     assert (other_seed - together).abs().max() > 1e-4  # the masks matter at this tolerance
+    torch.testing.assert_close(masks, keep_masks(0, 10, serfiq.units, 0.5).float() * 2, rtol=0, atol=0)
 
 
 def test_fc_located_on_demo_encoder_and_override(demo_dir):
@@ -179,7 +187,7 @@ def test_fc_located_on_shared_models(name):
     assert (serfiq.layer, serfiq.units) == EXPECTED_FC[name]
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
-        embedding, q = serfiq(images, image_keys(["a", "b"], 0))
+        embedding, q = serfiq(images)
         np.testing.assert_allclose(embedding.numpy(), net(images).numpy(), rtol=1e-5, atol=1e-5)
     assert ((q > 0) & (q <= 1)).all()
 
@@ -276,11 +284,36 @@ def test_flip_test_features_same_with_serfiq(demo_dir):
 
     net = load_backbone("onnx", demo_dir / "encoder.onnx").eval()
     images = torch.randn(3, 3, 112, 112)
-    keys = image_keys(["a", "b", "c"], 0)
     with torch.no_grad():
         plain = EncoderAndPredictor(FlipTest(net), None)(images)[0]
-        split = EncoderAndPredictor(FlipTest(net), None, SerFiq(net, 112, m=4), keys)(images, torch.arange(3))
+        split = EncoderAndPredictor(FlipTest(net), None, SerFiq(net, 112, m=4))(images)
         expected = net(images) + net(torch.flip(images, dims=[-1]))
     np.testing.assert_allclose(plain.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(split[0].numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
     assert split[1].shape == (3,)
+
+
+def test_serfiq_in_test_pass_ignores_path_and_batch_split(demo_dir, tmp_path):
+    """test.py's pass: an image copied under another name gets its original's score (the masks do
+    not depend on the path), and another batch size splits the rows differently, same scores."""
+    from transfira.inference import embed_and_score
+
+    frame = pd.read_csv(demo_dir / "test.csv").iloc[:5]
+    (tmp_path / "images").mkdir()
+    for path in frame.path:
+        (tmp_path / "images" / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo_dir / "images" / path, tmp_path / "images" / path)
+    shutil.copy(demo_dir / "images" / frame.path[1], tmp_path / "images" / "copy_of_1.png")
+    frame = pd.concat([frame, pd.DataFrame({"path": ["copy_of_1.png"]})], ignore_index=True)
+    frame.to_csv(tmp_path / "test.csv", index=False)
+    scores = []
+    for batch in (6, 4, 1):
+        cfg = apply_schema({"model_path": str(demo_dir / "encoder.onnx"), "embedding_size": 64, "num_workers": 0,
+                            "device": "cpu", "outdir": str(tmp_path / f"out{batch}"), "batch_size": batch,
+                            "data": {"data_dir": str(tmp_path / "images"), "annotations": str(tmp_path / "test.csv")},
+                            "quality": {"scores": ["serfiq"], "serfiq": {"m": 6, "seed": 2}}}, TEST_SCHEMA, "t")
+        scores.append(np.array(embed_and_score(cfg, frame, False, False, serfiq=True)[3]))
+    q = scores[0]
+    assert q[5] == q[1] and np.ptp(q[:5]) > 1e-4  # bit-identical copy; the other images differ
+    for other in scores[1:]:
+        np.testing.assert_allclose(other, q, rtol=1e-6)

@@ -288,11 +288,11 @@ def test_serfiq_pass_resumes(setup, demo_dir, monkeypatch):
     monkeypatch.setattr(feat, "FLUSH_EVERY", 1)
     real, calls = quality.SerFiq.scores, {"n": 0}
 
-    def crashing(self, x, keys):
+    def crashing(self, x):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real(self, x, keys)
+        return real(self, x)
 
     monkeypatch.setattr(quality.SerFiq, "scores", crashing)
     batches = -(-N_IMAGES // 7)

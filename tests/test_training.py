@@ -1,4 +1,4 @@
-"""train.py: learning on the demo data, checkpoints, exact resume, DDP on CPU, bad input."""
+"""train.py: learning on the demo data, checkpoints, exact resume, 2 processes on CPU, bad input."""
 from __future__ import annotations
 
 import json

@@ -8,8 +8,11 @@ next collective until the job's wall time runs out. Decisions that depend on loc
 (a batch with unreadable images, an exception while loading or forwarding, a non-finite
 loss) therefore go through :func:`agree` (one ``all_reduce`` of a few numbers), and
 :func:`raise_agreed` turns an error on any rank into the same :class:`AgreedError` on every
-rank, naming what went wrong on each. The process group's ``timeout`` is the last guard
-for anything that still escapes (e.g. a rank killed from outside).
+rank, naming what went wrong on each. Training averages the gradients itself
+(:func:`all_reduce_grads`) once the ranks agree that every backward succeeded, instead of
+DistributedDataParallel's all-reduce hooks inside the backward, where a rank that fails
+(out of memory) would leave the others waiting. The process group's ``timeout`` is the
+last guard for anything that still escapes (e.g. a rank killed from outside).
 """
 from __future__ import annotations
 
@@ -17,12 +20,15 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .errors import TransfiraError
+
+GRAD_BUCKET_BYTES = 25 << 20  # gradients per all_reduce in all_reduce_grads (DDP's default bucket_cap_mb)
 
 
 @dataclass
@@ -194,13 +200,69 @@ def raise_agreed(error: str | None, what: str = "") -> None:
     raise AgreedError(f"{what}: {text}" if what else text)
 
 
+def _broadcast(tensors: Iterable[torch.Tensor], src: int) -> None:
+    if _initialized():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=src)
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank rank ``src``'s buffers (BatchNorm running statistics), in place.
 
     Training-mode BatchNorm normalizes with batch statistics, so the ranks' running
     statistics drift apart; validation and checkpoints must use one agreed set.
     """
+    _broadcast(module.buffers(), src)
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s parameters, in place: one starting point for training."""
+    _broadcast(module.parameters(), src)
+
+
+def _buckets(params: Iterable[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
+    """``params`` in order, grouped by (device, dtype) into runs of at most :data:`GRAD_BUCKET_BYTES`
+    (a larger parameter alone): the same buckets on every rank."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    for group in groups.values():
+        bucket, size = [], 0
+        for p in group:
+            if bucket and size + p.numel() * p.element_size() > GRAD_BUCKET_BYTES:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(p)
+            size += p.numel() * p.element_size()
+        if bucket:
+            yield bucket
+
+
+def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` (those with ``requires_grad``) over all ranks, in place.
+
+    As DistributedDataParallel does: each rank's gradient divided by the world size, then
+    summed. Every rank must call this with the same parameters in the same order, after
+    agreeing that every backward succeeded (a backward runs no collective, so a rank that
+    fails in it leaves no other rank waiting). The gradients travel in flat buckets of one
+    dtype (:func:`_buckets`), one ``all_reduce`` each. A gradient that is None on every rank
+    stays None (the optimizer then leaves the parameter alone, weight decay and momentum
+    included); one that is None on some ranks only counts as zeros there and is set on every
+    rank. For that each bucket also carries one flag per parameter (1 where this rank has a
+    gradient); the flags are read back only when this rank lacks a gradient.
+    """
     if not _initialized():
         return
-    for buffer in module.buffers():
-        dist.broadcast(buffer.data, src=src)
+    world = dist.get_world_size()
+    for bucket in _buckets(p for p in params if p.requires_grad):
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in bucket]
+        flags = torch.tensor([p.grad is not None for p in bucket], dtype=bucket[0].dtype, device=bucket[0].device)
+        flat = _flatten_dense_tensors(grads + [flags]).div_(world)
+        dist.all_reduce(flat)
+        *averaged, flags = _unflatten_dense_tensors(flat, grads + [flags])
+        present = flags.tolist() if any(p.grad is None for p in bucket) else [1] * len(bucket)
+        for p, grad, anywhere in zip(bucket, averaged, present):
+            if p.grad is not None:
+                p.grad.copy_(grad)
+            elif anywhere:
+                p.grad = grad.clone()

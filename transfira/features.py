@@ -47,8 +47,8 @@ def _resume_point(meta_path: Path, info: dict, partials: list[Path]) -> tuple[in
 @torch.inference_mode()
 def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[str, tuple[Path, int]],
                     batch_size: int = 64, num_workers: int = 2, device: torch.device | str = "cpu",
-                    on_bad_image: str = "error", desc: str = "images", fingerprint: Any = None,
-                    with_index: bool = False) -> tuple[dict[str, np.ndarray], list[dict]]:
+                    on_bad_image: str = "error", desc: str = "images",
+                    fingerprint: Any = None) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Run ``model`` over ``dataset`` and write each of its outputs to its own ``.npy``.
 
     ``outputs`` maps a name to ``(path, width)``, in the order of the model's outputs (a
@@ -56,9 +56,7 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
     Returns the read-only memmaps by name and the skipped images (``row`` 1-based,
     ``path``, ``error``); their rows are NaN. Non-finite outputs are errors. A run resumes
     only when the images, outputs and ``fingerprint`` (model files, preprocessing; any JSON
-    value) are those of the interrupted one. With ``with_index`` the model is called as
-    ``model(images, index)`` (dataset rows of the batch, on ``device``), for outputs that
-    depend on which image it is (e.g. SER-FIQ's per-image dropout masks).
+    value) are those of the interrupted one.
 
     Under ``torchrun`` (a process group of W ranks) the batches are dealt out in turn: batch
     k (the same rows as in one process) goes to rank k mod W. After each round of W batches
@@ -104,7 +102,7 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
                                      "(set on_bad_image = \"skip\" to go on without it)")
             bad.append({"row": row, "path": dataset.paths[row - 1], "error": batch["error"][i]})
         images = batch["image"].to(device, non_blocking=True)
-        results = model(images, batch["index"].to(device)) if with_index else model(images)
+        results = model(images)
         values = []
         for name, result in zip(names, results if isinstance(results, tuple) else (results,)):
             value = result.float().reshape(len(index), -1).cpu().numpy()

@@ -26,8 +26,8 @@ from .data import AUG_DEFAULTS, dataset_from_table, read_annotations
 from .errors import TransfiraError
 from .features import extract_outputs, write_skipped
 from .io import file_fingerprint, pickle_refused, save_csv, save_id_vectors
-from .quality import (QUALITY_SCHEMA, SerFiq, certainty_ratio, embedding_norm, external_scores, image_keys,
-                      score_names, score_templates)
+from .quality import (QUALITY_SCHEMA, SerFiq, certainty_ratio, embedding_norm, external_scores, score_names,
+                      score_templates)
 
 TEST_SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
@@ -305,20 +305,17 @@ class EncoderAndPredictor(nn.Module):
 
     With ``serfiq`` (the deployed encoder split at its last fully connected layer) the
     layers before the split run once: the features and the m stochastic passes share them.
-    ``keys`` [N] are the images' dropout keys (:func:`transfira.quality.image_keys`), looked
-    up by the dataset rows ``index`` of the batch.
     """
 
     def __init__(self, encoder: nn.Module | None, predictor: nn.Module | None, serfiq: SerFiq | None = None,
-                 keys: torch.Tensor | None = None, embed: bool = True):
+                 embed: bool = True):
         super().__init__()
         self.encoder = encoder if serfiq is None and embed else None
         # flip test with SER-FIQ: the split encoder gives f(x), the plain one f(mirror of x)
         self.mirror = encoder.encoder if serfiq is not None and isinstance(encoder, FlipTest) else None
         self.predictor, self.serfiq, self.embed = predictor, serfiq, embed
-        self.register_buffer("keys", keys, persistent=False)
 
-    def forward(self, images: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out: tuple[torch.Tensor, ...] = ()
         if self.serfiq is not None:
             x = self.serfiq.prefix(images)
@@ -328,7 +325,7 @@ class EncoderAndPredictor(nn.Module):
         elif self.encoder is not None:
             out += (self.encoder(images),)
         out += tuple(self.predictor(images)) if self.predictor is not None else ()
-        return out + ((self.serfiq.scores(x, self.keys[index]),) if self.serfiq is not None else ())
+        return out + ((self.serfiq.scores(x),) if self.serfiq is not None else ())
 
 
 def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, scores: bool, serfiq: bool = False,
@@ -351,20 +348,22 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     fingerprint = [file_fingerprint(cfg[k]) for k in FINGERPRINT_KEYS] + [cfg["aug"], data["landmark_columns"]]
     fingerprint += [{"flip_test": True}] if cfg.get("flip_test") else []
     encoder = load_encoder(cfg, device) if features or serfiq else None
-    head = keys = None
+    head = None
     if serfiq:
         s = cfg["quality"]["serfiq"]
         plain = encoder.encoder if isinstance(encoder, FlipTest) else encoder  # SER-FIQ: one view
-        head = SerFiq(plain, cfg["aug"]["crop_dim"], s["m"], s["p"], s["layer"], s["batch"], cfg["model_path"])
-        keys = image_keys(frame[data["path_col_name"]].astype(str).tolist(), s["seed"])
+        head = SerFiq(plain, cfg["aug"]["crop_dim"], s["m"], s["p"], s["seed"], s["layer"], s["batch"],
+                      cfg["model_path"])
         outputs["SER-FIQ"] = (outdir / SERFIQ, 0)
-        fingerprint.append({"serfiq": {k: s[k] for k in ("m", "p", "seed")}, "layer": head.layer})
-    model = EncoderAndPredictor(encoder, load_predictor(cfg, device) if scores else None, head, keys,
+        # "masks": a partial pass of the former per-image masks is not resumed
+        fingerprint.append({"serfiq": {k: s[k] for k in ("m", "p", "seed")}, "layer": head.layer,
+                            "masks": "shared"})
+    model = EncoderAndPredictor(encoder, load_predictor(cfg, device) if scores else None, head,
                                 embed=features).to(device)
     dataset = dataset_from_table(frame, data, cfg["aug"], data["annotations"])
     arrays, skipped = extract_outputs(model, dataset, outputs, data["batch_size"] or cfg["batch_size"],
                                       cfg["num_workers"], device, cfg["on_bad_image"], desc="test images",
-                                      fingerprint=fingerprint, with_index=serfiq)
+                                      fingerprint=fingerprint)
     if arrays:
         write_skipped(frame, skipped, outdir / SKIPPED)
     return tuple(arrays.get(k) for k in ("embedding", "predicted CCS", "predicted CCAS", "SER-FIQ"))

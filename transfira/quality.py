@@ -23,13 +23,13 @@ tensors). A chain of linear maps with nothing nonlinear between them is one line
 (MobileFaceNet's 7x7 depthwise + 1x1 + 1x1 conv head), so the dropout goes on the input
 of the chain's first map. ``[quality.serfiq] layer`` names another node instead.
 
-Dropout masks are a counter-based hash of (seed, image path, pass, feature): identical on
-CPU and GPU and for any batch composition.
+The ``m`` dropout masks are a counter-based hash of (seed, pass, unit), computed once and
+shared by every image (SER-FIQ needs ``m`` random subnetworks, not different ones per image):
+identical on CPU and GPU, for any batch composition, row order or image path.
 """
 from __future__ import annotations
 
 import difflib
-import hashlib
 import re
 from typing import Any, Sequence
 
@@ -51,11 +51,11 @@ QUALITY_SCHEMA: dict[str, Any] = {
     "rescale": "none",  # "minmax": map each score to [0, 1] over the test set before weighting templates
     "serfiq": {"m": 100, "p": 0.5, "seed": 0,
                "layer": "",  # fx node whose input gets the dropout ('' = located automatically)
-               "batch": 0},  # images whose m passes share one tensor (0 = auto, about 4M values)
+               "batch": 0},  # images whose m passes share one tensor (0 = auto, about 16M values)
     "external": {ANY_TABLE: {"csv": REQUIRED, "column": REQUIRED,
                              "path_column": ""}},  # '' = the test data's path_col_name
 }
-AUTO_CHUNK_VALUES = 1 << 22  # values of the dropped-out input per chunk with batch = 0
+AUTO_CHUNK_VALUES = 1 << 24  # values of the dropped-out input per chunk with batch = 0 (64 MB in float32)
 CR_EPS = 1e-9
 
 # onnx2torch module classes by role (see the module docstring)
@@ -300,36 +300,11 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _bits32(x: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 2**32) as int32 tensors holding the same 32 bits (two's complement)."""
-    return x if x.dtype == torch.int32 else torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
-
-
-def _mix32_bits_(x: torch.Tensor) -> torch.Tensor:
-    """:func:`mix32` in place on :func:`_bits32` tensors: int32 products wrap modulo 2**32 and the
-    shifted-in sign bits are masked off, so the 32 bits equal mix32's; half the memory of int64."""
-    for _ in range(2):
-        x ^= (x >> 16).bitwise_and_(0xFFFF)
-        x *= HASH_MUL
-    x ^= (x >> 16).bitwise_and_(0xFFFF)
-    return x
-
-
-def image_keys(paths: Sequence[str], seed: int) -> torch.Tensor:
-    """One 32-bit key per image from (seed, path): the image's dropout masks depend on nothing else."""
-    return torch.tensor([int.from_bytes(hashlib.sha256(f"{seed}\0{p}".encode()).digest()[:4], "little")
-                         for p in paths], dtype=torch.int64)
-
-
-def keep_masks(keys: torch.Tensor, counters: torch.Tensor, p: float) -> torch.Tensor:
-    """``[B, m, F]`` bool: unit ``f`` of pass ``j`` of image ``b`` is kept; ``counters`` = ``mix32(j * F + f)``.
-
-    The hash runs on int32 bits (:func:`_mix32_bits_`, the masks' cost on small encoders);
-    ``h >= threshold`` of unsigned 32-bit values is the signed comparison with both sign bits flipped.
-    """
-    h = _bits32(counters).unsqueeze(0) ^ _bits32(keys.to(counters.device))[:, None, None]
-    _mix32_bits_(h)
-    return (h ^ -2 ** 31) >= int(round(p * 2 ** 32)) - 2 ** 31
+def keep_masks(seed: int, m: int, units: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[m, F]`` bool: unit ``f`` is kept in pass ``j`` iff ``mix32(mix32(j * F + f) ^ (seed mod 2^32))``
+    ``>= round(p * 2^32)``. The same for every image, on every device."""
+    counters = torch.arange(m * units, dtype=torch.int64, device=device).reshape(m, units)
+    return mix32(mix32(counters) ^ (seed % 2 ** 32)) >= round(p * 2 ** 32)
 
 
 def serfiq_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
@@ -348,12 +323,13 @@ def serfiq_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
 class SerFiq(nn.Module):
     """The deployed encoder split at its last fully connected layer, with SER-FIQ's stochastic passes.
 
-    ``forward(images, keys)`` returns ``(embedding [B, D], q [B])``: the encoder's own
-    output and the SER-FIQ score, from one run of the layers before the split.
+    ``forward(images)`` returns ``(embedding [B, D], q [B])``: the encoder's own output and
+    the SER-FIQ score, from one run of the layers before the split. The ``m`` dropout masks
+    (:func:`keep_masks` of ``seed``) are the same for every image: ``m`` random subnetworks.
     """
 
-    def __init__(self, encoder: nn.Module, crop_dim: int, m: int = 100, p: float = 0.5, layer: str = "",
-                 batch: int = 0, source: str = "encoder"):
+    def __init__(self, encoder: nn.Module, crop_dim: int, m: int = 100, p: float = 0.5, seed: int = 0,
+                 layer: str = "", batch: int = 0, source: str = "encoder"):
         super().__init__()
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -370,30 +346,29 @@ class SerFiq(nn.Module):
         if m * self.units >= 2 ** 32:
             raise TransfiraError(f"{source}: SER-FIQ with m = {m} passes over {self.units} units exceeds the mask "
                                  "counter range (m x units < 2^32)")
-        self.m, self.p = m, float(p)
+        self.m, self.p, self.seed = m, float(p), seed
         self.batch = batch or max(1, AUTO_CHUNK_VALUES // (m * self.units))
-        self._counters: torch.Tensor | None = None
+        self._masks: torch.Tensor | None = None
 
-    def counters(self, device: torch.device) -> torch.Tensor:
-        """``mix32(j * F + f)`` [m, F] (as :func:`_bits32`), cached per device."""
-        if self._counters is None or self._counters.device != device:
-            counters = mix32(torch.arange(self.m * self.units, device=device).reshape(self.m, self.units))
-            self._counters = _bits32(counters)
-        return self._counters
+    def masks(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The keep masks [m, F] scaled by ``1 / (1 - p)`` (inverted dropout) in ``dtype``, cached."""
+        if self._masks is None or self._masks.device != device or self._masks.dtype != dtype:
+            keep = keep_masks(self.seed, self.m, self.units, self.p, device)
+            self._masks = keep.to(dtype) * (1 / (1 - self.p))
+        return self._masks
 
-    def forward(self, images: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.prefix(images)
-        return self.suffix(x), self.scores(x, keys)
+        return self.suffix(x), self.scores(x)
 
-    def scores(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """SER-FIQ [B] (float64) of the split-point values ``x`` [B, ...] of images with ``keys`` [B]."""
-        counters = self.counters(x.device)
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """SER-FIQ [B] (float64) of the split-point values ``x`` [B, ...]."""
+        masks = self.masks(x.device, x.dtype)
         out = []
         for start in range(0, len(x), self.batch):
             chunk = x[start:start + self.batch]
             b = len(chunk)
-            keep = keep_masks(keys[start:start + self.batch], counters, self.p)
-            dropped = keep.to(chunk.dtype).mul_(chunk.reshape(b, 1, -1) * (1 / (1 - self.p)))
+            dropped = chunk.reshape(b, 1, -1) * masks  # [b, m, F]: one broadcast multiply
             embeddings = self.suffix(dropped.reshape(b * self.m, *chunk.shape[1:]))
             out.append(serfiq_from_embeddings(embeddings.reshape(b, self.m, -1)))
         return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float64)

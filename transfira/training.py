@@ -1,10 +1,10 @@
 """Training of the recognizability predictor (paper section III-B, eq. 9), one CPU or many GPUs.
 
-``train(config)`` runs the whole job: one process, or one per GPU under ``torchrun``
-(DistributedDataParallel; NCCL on GPUs, Gloo on CPU). Rank 0 alone writes the run
-directory ``{checkpoint_outdir}/{run_name}/``: ``run_params.json``, ``metrics.csv``,
-checkpoints ``{model stem}_{epoch:04}.pt`` (plain state dicts) and ``resume.pt``; TensorBoard
-logs go to ``{checkpoint_outdir}/runs/{run_name}/``.
+``train(config)`` runs the whole job: one process, or one per GPU under ``torchrun`` (data
+parallel, gradients averaged by :func:`distributed.all_reduce_grads`; NCCL on GPUs, Gloo on
+CPU). Rank 0 alone writes the run directory ``{checkpoint_outdir}/{run_name}/``:
+``run_params.json``, ``metrics.csv``, checkpoints ``{model stem}_{epoch:04}.pt`` (plain state
+dicts) and ``resume.pt``; TensorBoard logs go to ``{checkpoint_outdir}/runs/{run_name}/``.
 """
 from __future__ import annotations
 
@@ -572,17 +572,16 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
           run_dir: Path, stem: str, writer, fresh: bool, start_epoch: int, batches_done: int, step: int,
           skipped_steps: int, counts: _EpochCounts, batches_per_epoch: int, drop_last: bool,
           max_steps: int | None, labels: OnlineLabels | None = None) -> Path:
-    """The epochs of :func:`train`. Every batch ends with two agreements over all ranks (see below).
+    """The epochs of :func:`train`. Every batch ends with two agreements over all ranks, a batch that
+    ends an optimizer step with three (see below).
 
     ``step`` counts applied optimizer steps only; fp16 steps that GradScaler skips (inf/NaN
     gradients) are counted in ``skipped_steps`` (``metrics.csv``).
     """
     main, device, opt_cfg, batch_size = info.is_main, info.device, cfg["opt"], cfg["data"]["batch_size"]
     accum, policy = cfg["grad_accum_steps"], cfg["on_bad_image"]
-    ddp = model
-    if info.distributed:  # buffers are broadcast from rank 0 where they are used (validation, checkpoints)
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                  broadcast_buffers=False)
+    # rank 0's weights everywhere; buffers are broadcast from rank 0 where they are used (validation, checkpoints)
+    dist_utils.broadcast_parameters(model)
 
     def save_resume(epoch: int, done: int) -> None:
         ranks = dist_utils.gather_objects({"rng": _rng_state(device), **counts.as_dict()})
@@ -659,7 +658,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
             seed_everything(cfg["seed"] + 1_000_003 * (epoch + 1) + info.rank)  # per-epoch worker seeds
         loader = make_loader(train_set, batch_size, cfg["num_workers"], sampler=SkipSampler(sampler, batches_done * batch_size),
                              persistent=False, drop_last=drop_last, device=device)
-        ddp.train()
+        model.train()
         window = 0  # images used over all ranks since the last optimizer step
         bar = progress(total=batches_per_epoch, initial=batches_done, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not main)
@@ -672,31 +671,34 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
                 error = f"loading a batch: {describe(err)}"
             sync = (i + 1) % accum == 0 or i + 1 == batches_per_epoch
             where = f"epoch {epoch + 1}, step {step + 1}"
-            with ddp.no_sync() if info.distributed and not sync else contextlib.nullcontext():
-                loss, used, error, saved = _forward(ddp, model, batch, error, policy, min_batch, loss_fn, device, amp,
-                                                    labels, counts.rows if cfg["degrade"]["save_labels"] else None)
-                # the first agreement: errors, images used, non-finite losses, on every rank
-                n_err, n_total, n_nonfinite = dist_utils.agree(
-                    [error is not None, used, loss is not None and not bool(torch.isfinite(loss))])
-                if n_err or n_nonfinite:
-                    if error is None and loss is not None and not bool(torch.isfinite(loss)):
-                        error = (f"loss became {loss.item()}; lower opt.lr "
-                                 "(or use amp = 'bf16' instead of 'fp16')")
-                    dist_utils.raise_agreed(error, where)
-                # each image weighs the same over all ranks: DDP averages the ranks' gradients
-                weight = used * info.world_size / n_total if n_total else 0.0
-                window += int(n_total)
-                error = _attempt(lambda: (scaler.scale(loss * (weight / accum)).backward(),
-                                          _restore_buffers(model, saved)))
+            loss, used, error, saved = _forward(model, batch, error, policy, min_batch, loss_fn, device, amp, labels,
+                                                counts.rows if cfg["degrade"]["save_labels"] else None)
+            # the first agreement: errors, images used, non-finite losses, on every rank
+            n_err, n_total, n_nonfinite = dist_utils.agree(
+                [error is not None, used, loss is not None and not bool(torch.isfinite(loss))])
+            if n_err or n_nonfinite:
+                if error is None and loss is not None and not bool(torch.isfinite(loss)):
+                    error = (f"loss became {loss.item()}; lower opt.lr "
+                             "(or use amp = 'bf16' instead of 'fp16')")
+                dist_utils.raise_agreed(error, where)
+            # each image weighs the same over all ranks: all_reduce_grads averages the ranks' gradients
+            weight = used * info.world_size / n_total if n_total else 0.0
+            window += int(n_total)
+            # the backward runs no collective (the gradients stay local until all_reduce_grads)
+            error = _attempt(lambda: (scaler.scale(loss * (weight / accum)).backward(),
+                                      _restore_buffers(model, saved)))
             applied = False
-            if sync and window and error is None:  # no usable image on any rank: no step on any rank
-                scale = scaler.get_scale()
-                error = _attempt(lambda: (scaler.step(optimizer), scaler.update()))
-                applied = scaler.get_scale() >= scale  # GradScaler lowers the scale exactly when it skips a step
-                step, skipped_steps = step + applied, skipped_steps + (not applied)
-            # the second agreement: an error (out of memory) in the backward or the step stops every rank.
-            # (A rank failing inside a DDP-synchronized backward leaves DDP's gradient all-reduce
-            # unmatched: Gloo reports a collective mismatch, NCCL waits for env.timeout_s.)
+            if sync:
+                # the second agreement: an error (out of memory) in any rank's backward stops every rank
+                # before the gradients are averaged; a micro-step's backward is agreed on below
+                dist_utils.raise_agreed(error, where)
+                if window:  # no usable image on any rank: no step on any rank
+                    dist_utils.all_reduce_grads(model.parameters())
+                    scale = scaler.get_scale()
+                    error = _attempt(lambda: (scaler.step(optimizer), scaler.update()))
+                    applied = scaler.get_scale() >= scale  # GradScaler lowers the scale exactly when it skips a step
+                    step, skipped_steps = step + applied, skipped_steps + (not applied)
+            # the last agreement: an error in the step (or in an accumulation micro-step's backward) stops every rank
             dist_utils.raise_agreed(error, where)
             counts.loss_sum += float(loss.item()) * used
             counts.loss_count += used
@@ -735,16 +737,16 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
     return run_dir
 
 
-def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, error: str | None, policy: str,
-             min_batch: int, loss_fn, device: torch.device, amp: str, labels: OnlineLabels | None = None,
+def _forward(model: nn.Module, batch: dict[str, Any] | None, error: str | None, policy: str, min_batch: int,
+             loss_fn, device: torch.device, amp: str, labels: OnlineLabels | None = None,
              rows: list | None = None) -> tuple:
     """This rank's part of a training step before the agreement: ``(loss, images used, error, saved)``.
 
     The usable images of the batch go forward. With fewer than ``min_batch`` of them (all
     unreadable, or a lone image that BatchNorm cannot normalize) the whole batch goes
     forward with the unreadable ones as blank placeholders (``saved``: the buffers to restore
-    after the backward); it is used with weight 0 (0 images), so DDP's gradient all-reduce
-    still runs on every rank. An exception becomes ``error`` (nothing is raised here).
+    after the backward); it is used with weight 0 (0 images): every rank has gradients (zeros)
+    to average. An exception becomes ``error`` (nothing is raised here).
     With ``labels`` (``[degrade]``) the targets are measured online (a frozen backbone's one pass
     gives both them and the heads' input) and, with ``rows``, recorded there per image.
     """
@@ -775,7 +777,7 @@ def _forward(ddp: nn.Module, model: nn.Module, batch: dict[str, Any] | None, err
                     batch["index"].tolist(), batch["kinds"], batch["severity"].tolist(),
                     batch["pixel_seed"].tolist(), targets[:, 0].tolist(), nnccs.tolist()))
         with _autocast(device, amp):
-            ccs, ccas = ddp(images) if features is None else ddp(features=features)
+            ccs, ccas = model(images) if features is None else model(features=features)
         targets = targets.float()  # the loss is fp32 whatever amp says
         loss = loss_fn(ccs[:, 0].float(), targets[:, 0]) + loss_fn(ccas[:, 0].float(), targets[:, 1])  # eq. 9
         return loss, used, None, saved
