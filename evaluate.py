@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from transfira.errors import run_cli
-from transfira.evaluation_job import load_evaluate_config, run
+from transfira.jobs.evaluate import load_evaluate_config, run
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import argparse
 
 from transfira.config import load_config
 from transfira.errors import run_cli
-from transfira.explain import EXPLAIN_SCHEMA, run_explain
+from transfira.jobs.explain import EXPLAIN_SCHEMA, run_explain
 
 
 def main(argv: list[str] | None = None) -> None:

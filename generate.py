@@ -6,7 +6,7 @@ import argparse
 
 from transfira.config import load_config
 from transfira.errors import run_cli
-from transfira.generation import GENERATE_SCHEMA, run_generate
+from transfira.jobs.generate import GENERATE_SCHEMA, run_generate
 
 
 def main() -> None:

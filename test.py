@@ -16,7 +16,7 @@ import argparse
 from transfira.aggregation import VARIANTS, variant_name
 from transfira.config import load_config
 from transfira.errors import TransfiraError, run_cli
-from transfira.inference import TEST_SCHEMA, run_test
+from transfira.jobs.test import TEST_SCHEMA, run_test
 
 
 def main(argv: list[str] | None = None) -> None:

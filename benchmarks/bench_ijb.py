@@ -45,8 +45,8 @@ def part_extract(args) -> None:
 
     from transfira.data import dataset_from_table
     from transfira.ijb import build_test_table, make_synthetic_release
-    from transfira.ijb_job import IJB_SCHEMA, test_config
-    from transfira.inference import embed_and_score
+    from transfira.jobs.ijb import IJB_SCHEMA, test_config
+    from transfira.networks import embed_and_score
     from transfira.config import apply_schema
 
     torch.set_num_threads(args.threads)

@@ -5,7 +5,7 @@
 
 Writes a synthetic ``template_a template_b label`` file in InsightFace's layout (19,557 genuine
 pairs, the rest impostor, like IJB-C; cached under --workdir), a templates_baseline.npz, and runs
-``transfira.evaluation_job.verification`` on it in a fresh process: parse + memory-mapped cache,
+``transfira.jobs.evaluate.verification`` on it in a fresh process: parse + memory-mapped cache,
 streamed scoring, TAR at FMR 1e-6 .. 1e-1 (and the bootstrap when asked). Peak memory = the
 process's max RSS (resource.getrusage), also shown above the RSS before the run.
 """
@@ -75,7 +75,7 @@ def make_inputs(work: Path, n_pairs: int, n_templates: int, n_subjects: int, n_g
 def single(args) -> dict:
     import torch
 
-    from transfira import evaluation_job as job
+    from transfira.jobs import evaluate as job
 
     work = Path(args.workdir)
     t0 = time.perf_counter()

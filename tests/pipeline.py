@@ -17,8 +17,8 @@ from transfira.config import apply_schema
 
 def pipeline_configs(demo_dir: Path, root: Path, device: str, amp: str = "none") -> dict[str, dict[str, Any]]:
     """The four configs: 64 training images (4 steps of 16), 20 test images, SER-FIQ with m = 4."""
-    from transfira.generation import GENERATE_SCHEMA
-    from transfira.inference import TEST_SCHEMA
+    from transfira.jobs.generate import GENERATE_SCHEMA
+    from transfira.jobs.test import TEST_SCHEMA
     from transfira.scoring import SCORE_SCHEMA
     from transfira.training import SCHEMA
 
@@ -50,8 +50,8 @@ def pipeline_configs(demo_dir: Path, root: Path, device: str, amp: str = "none")
 
 def run_pipeline(demo_dir: Path, root: Path, device: str, amp: str = "none") -> dict[str, Any]:
     """Run the four stages; return what they wrote (features, labels, metrics, test arrays, scores)."""
-    from transfira.generation import run_generate
-    from transfira.inference import run_test
+    from transfira.jobs.generate import run_generate
+    from transfira.jobs.test import run_test
     from transfira.scoring import run_score
     from transfira.training import train
 

@@ -14,7 +14,7 @@ import torch
 
 from transfira import evaluation as ev
 from transfira.errors import TransfiraError
-from transfira.evaluation_job import load_evaluate_config, run
+from transfira.jobs.evaluate import load_evaluate_config, run
 from transfira.io import save_id_vectors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from transfira.backbone import load_backbone
 from transfira.config import apply_schema
 from transfira.demo import export_onnx
 from transfira.errors import TransfiraError
-from transfira.inference import TEST_SCHEMA
+from transfira.jobs.test import TEST_SCHEMA
 from transfira.quality import (SerFiq, certainty_ratio, embedding_norm, external_scores, keep_masks, minmax,
                                score_names, score_templates)
 
@@ -280,7 +280,7 @@ def test_quality_config_validation():
 
 def test_flip_test_features_same_with_serfiq(demo_dir):
     """With the flip test on, the split encoder (SER-FIQ enabled) gives the same f(x) + f(mirror x)."""
-    from transfira.inference import EncoderAndPredictor, FlipTest
+    from transfira.networks import EncoderAndPredictor, FlipTest
 
     net = load_backbone("onnx", demo_dir / "encoder.onnx").eval()
     images = torch.randn(3, 3, 112, 112)
@@ -296,7 +296,7 @@ def test_flip_test_features_same_with_serfiq(demo_dir):
 def test_serfiq_in_test_pass_ignores_path_and_batch_split(demo_dir, tmp_path):
     """test.py's pass: an image copied under another name gets its original's score (the masks do
     not depend on the path), and another batch size splits the rows differently, same scores."""
-    from transfira.inference import embed_and_score
+    from transfira.networks import embed_and_score
 
     frame = pd.read_csv(demo_dir / "test.csv").iloc[:5]
     (tmp_path / "images").mkdir()

@@ -72,7 +72,8 @@ def test_two_ranks_resume_what_one_process_flushed(demo_dir, tmp_path, monkeypat
     finish it (one batch left: rank 1 has none) and give the uninterrupted outputs."""
     import torch
 
-    from transfira import features, generation
+    from transfira import features
+    from transfira.jobs import generate as generation
     from transfira.config import load_config
 
     tables = generate_tables(demo_dir, tmp_path, bad_rows=(3, 60))
@@ -142,7 +143,7 @@ def test_ijb_features_stage_two_ranks_match_one(release, demo_dir, predictor, tm
 
 def test_score_py_and_other_ijb_stages_refuse_torchrun(monkeypatch):
     from transfira.errors import TransfiraError
-    from transfira.ijb_job import run_ijb
+    from transfira.jobs.ijb import run_ijb
     from transfira.scoring import run_score
 
     monkeypatch.setenv("WORLD_SIZE", "2")

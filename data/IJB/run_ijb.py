@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from transfira.config import load_config  # noqa: E402
 from transfira.errors import run_cli  # noqa: E402
-from transfira.ijb_job import IJB_SCHEMA, STAGES, check_config, run_ijb  # noqa: E402
+from transfira.jobs.ijb import IJB_SCHEMA, STAGES, check_config, run_ijb  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:

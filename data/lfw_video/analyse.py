@@ -113,7 +113,7 @@ def embed(model_path: str, images: list, checkpoint: str = "", embedding_size: i
     import torch
 
     from transfira.backbone import load_backbone
-    from transfira.inference import load_predictor
+    from transfira.networks import load_predictor
 
     if checkpoint:
         cfg = {"checkpoint_path": checkpoint, "predictor_model_path": "", "model_path": model_path,

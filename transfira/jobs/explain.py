@@ -23,15 +23,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import REQUIRED
-from .data import AUG_DEFAULTS, ImageDataset, dataset_from_table, read_annotations
-from .degradations import DEGRADATIONS, degrade
-from .errors import TransfiraError
-from .features import extract_outputs
-from .inference import EncoderAndPredictor, load_encoder, load_predictor
-from .io import atomic_path, file_fingerprint, load_id_vectors, save_csv
-from .labels import center_similarities, class_index, nearest_nonmatch
-from .progress import log
+from ..config import REQUIRED
+from ..data import AUG_DEFAULTS, ImageDataset, dataset_from_table, read_annotations
+from ..degradations import DEGRADATIONS, degrade
+from ..errors import TransfiraError
+from ..features import extract_outputs
+from ..networks import EncoderAndPredictor, load_encoder, load_predictor
+from ..io import atomic_path, file_fingerprint, load_id_vectors, save_csv
+from ..labels import center_similarities, class_index, nearest_nonmatch
+from ..progress import log
 
 ATTRIBUTION_SCHEMA: dict[str, Any] = {
     "num_images": 6,  # images in the attribution grid (0: none), spread over the range of true CCAS
@@ -161,7 +161,7 @@ class DegradedDataset(ImageDataset):
 
 class SharedBackbone(nn.Module):
     """Encoder and predictor with the same backbone weights (a frozen-backbone predictor): one backbone
-    pass gives ``(embedding, ccs, ccas)``, as :class:`~transfira.inference.EncoderAndPredictor` would."""
+    pass gives ``(embedding, ccs, ccas)``, as :class:`~transfira.networks.EncoderAndPredictor` would."""
 
     def __init__(self, predictor: nn.Module):
         super().__init__()
@@ -280,9 +280,9 @@ def subject_factors(ids: np.ndarray, ccs: np.ndarray, nnccs: np.ndarray, confuse
 
 def run_explain(cfg: dict[str, Any]) -> dict[str, Path]:
     """Sweeps, crossings, subjects, attribution maps and figures in ``outdir``; returns the files written."""
-    from .attribution import run_attribution
-    from .backbone import resolve_device
-    from .explain_plots import plot_subjects, plot_sweeps
+    from ..attribution import run_attribution
+    from ..backbone import resolve_device
+    from ..explain_plots import plot_subjects, plot_sweeps
 
     kinds, severities = check_config(cfg)
     data, outdir = cfg["data"], Path(cfg["outdir"])

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,12 +27,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .aggregation import VARIANTS, aggregate_media_variants
-from .config import REQUIRED, apply_schema
-from .data import AUG_DEFAULTS
-from .errors import TransfiraError
-from .io import file_fingerprint, save_csv, save_id_vectors, save_json
-from .progress import log
+from ..aggregation import VARIANTS, aggregate_media_variants
+from ..config import REQUIRED
+from ..data import AUG_DEFAULTS
+from ..errors import TransfiraError
+from ..io import file_fingerprint, save_csv, save_id_vectors, save_json
+from ..progress import log
 
 STAGES = ("meta", "features", "templates", "evaluate")
 FMR_DEFAULT = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
@@ -64,7 +66,7 @@ IJB_SCHEMA: dict[str, Any] = {
 
 def check_config(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     """Value checks the schema cannot express; returns ``cfg``."""
-    from .ijb import PREFIXES
+    from ..ijb import PREFIXES
 
     if cfg["prefix"] not in PREFIXES:
         raise TransfiraError(f"{source}: prefix must be one of {', '.join(PREFIXES)}, got '{cfg['prefix']}'")
@@ -115,22 +117,20 @@ class Stages:
 
 
 def test_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
-    """test.py's config for the features stage (aligned loose crops, flip test as configured)."""
-    from .alignment import LANDMARK_COLUMNS
-    from .inference import TEST_SCHEMA
+    """The extraction settings of the features stage (:func:`transfira.networks.embed_and_score`):
+    aligned loose crops, the flip test as configured, no quality scores."""
+    from ..alignment import LANDMARK_COLUMNS
 
     keys = ("backbone_type", "model_path", "predictor_model_path", "embedding_size", "checkpoint_path",
             "head_hidden", "batch_size", "num_workers", "device", "on_bad_image", "aug")
-    raw = {k: cfg[k] for k in keys}
-    raw.update(outdir=str(outdir / "features"), flip_test=cfg["flip"], save_features=True,
-               data={"data_dir": str(Path(cfg["root"]) / cfg["images_dir"]), "annotations": str(outdir / "test.csv"),
-                     "path_col_name": "path", "id_col_name": "template_id",
-                     "landmark_columns": list(LANDMARK_COLUMNS)})
-    return apply_schema(raw, TEST_SCHEMA, source="run_ijb features stage")
+    return {**{k: cfg[k] for k in keys}, "outdir": str(outdir / "features"), "flip_test": cfg["flip"],
+            "data": {"data_dir": str(Path(cfg["root"]) / cfg["images_dir"]), "annotations": str(outdir / "test.csv"),
+                     "path_col_name": "path", "id_col_name": "template_id", "batch_size": 0,
+                     "landmark_columns": list(LANDMARK_COLUMNS)}}
 
 
 def stage_meta(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
-    from .ijb import build_test_table, check_pairs_templates, meta_path, read_pairs
+    from ..ijb import build_test_table, check_pairs_templates, meta_path, read_pairs
 
     table = build_test_table(cfg["root"], cfg["prefix"])
     pairs_path = meta_path(cfg["root"], cfg["prefix"], "pairs")
@@ -145,9 +145,9 @@ def stage_meta(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
 
 
 def stage_features(cfg: dict[str, Any], outdir: Path) -> None:
-    from . import distributed as dist_utils
-    from .backbone import resolve_device
-    from .inference import embed_and_score
+    from .. import distributed as dist_utils
+    from ..backbone import resolve_device
+    from ..networks import embed_and_score
 
     tcfg = test_config(cfg, outdir)
     frame = pd.read_csv(outdir / "test.csv")
@@ -182,44 +182,33 @@ def stage_templates(cfg: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 def pairs_file(cfg: dict[str, Any], outdir: Path) -> Path:
-    from .ijb import meta_path
+    from ..ijb import meta_path
 
     return meta_path(cfg["root"], cfg["prefix"], "pairs")
 
 
 def evaluate_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
-    """evaluate.py's config: the template variants on the official pairs.
-
-    ``threshold_convention`` and ``bootstrap`` are passed where evaluate.py knows them; a
-    non-default value it does not know is an error.
-    """
-    from .evaluation_job import SCHEMA
-
-    out = {"outdir": str(outdir / "evaluation"), "fmr": list(cfg["fmr"]), "chunk_size": cfg["chunk_size"],
-           "device": cfg["device"]}
-    for key, default in (("threshold_convention", "spec"), ("bootstrap", 0)):
-        if key in SCHEMA:
-            out[key] = cfg[key]
-        elif cfg[key] != default:
-            raise TransfiraError(f"{key} = {cfg[key]!r} needs an evaluate.py with that option (this one has none)")
-    out["templates"] = {v: str(outdir / f"templates_{v}.npz") for v in cfg["variants"]}
-    out["pairs"] = {"path": str(pairs_file(cfg, outdir))}
-    return out
+    """evaluate.py's config: the template variants on the official pairs."""
+    return {"outdir": str(outdir / "evaluation"), "fmr": [float(f) for f in cfg["fmr"]], "chunk_size": cfg["chunk_size"],
+            "device": cfg["device"], "threshold_convention": cfg["threshold_convention"], "bootstrap": cfg["bootstrap"],
+            "templates": {v: str(outdir / f"templates_{v}.npz") for v in cfg["variants"]},
+            "pairs": {"path": str(pairs_file(cfg, outdir))}}
 
 
 def stage_evaluate(cfg: dict[str, Any], outdir: Path) -> Path:
-    from .evaluation_job import load_evaluate_config, run
-
+    """Write ``evaluate.toml`` and run evaluate.py on it (another job: its own process)."""
     path = outdir / "evaluate.toml"
     ecfg = evaluate_config(cfg, outdir)
     value = lambda v: (str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, (int, float))  # noqa: E731
                        else json.dumps(v))
-    lines = [f"{k} = [{', '.join(repr(float(f)) for f in v)}]" if k == "fmr" else f"{k} = {value(v)}"
-             for k, v in ecfg.items() if not isinstance(v, dict)]
+    lines = [f"{k} = {value(v)}" for k, v in ecfg.items() if not isinstance(v, dict)]
     for table in ("templates", "pairs"):
         lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in ecfg[table].items()]
     path.write_text("\n".join(lines) + "\n")
-    run(load_evaluate_config(path))
+    script = Path(__file__).resolve().parents[2] / "evaluate.py"
+    done = subprocess.run([sys.executable, str(script), "--config", str(path)])
+    if done.returncode:
+        raise TransfiraError(f"evaluate.py --config {path} failed (exit status {done.returncode}; its error is above)")
     return path
 
 
@@ -230,7 +219,7 @@ def run_ijb(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1],
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (first, last) != ("features", "features"):
         raise TransfiraError("under torchrun run_ijb.py runs the features stage alone "
                              "(--from features --to features); start the other stages with python")
-    from .ijb import META, meta_path
+    from ..ijb import META, meta_path
 
     outdir = Path(cfg["outdir"])
     outdir.mkdir(parents=True, exist_ok=True)

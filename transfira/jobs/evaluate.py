@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import bootstrap as bs
-from . import evaluation as ev
-from .backbone import resolve_device
-from .config import ANY_VALUE, apply_schema, read_toml
-from .errors import TransfiraError
-from .progress import progress as progress_bar
-from .io import atomic_path, format_rows, load_id_vectors, numeric_column, read_annotations, save_csv, save_figure
-from .pairlist import PairList
+from .. import bootstrap as bs
+from .. import evaluation as ev
+from ..backbone import resolve_device
+from ..config import ANY_VALUE, apply_schema, read_toml
+from ..errors import TransfiraError
+from ..progress import progress as progress_bar
+from ..io import atomic_path, format_rows, load_id_vectors, numeric_column, read_annotations, save_csv, save_figure
+from ..pairlist import PairList
 
 SCHEMA: dict[str, Any] = {
     "outdir": "output/evaluation/",

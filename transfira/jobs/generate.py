@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import distributed as dist_utils
-from .backbone import check_embedding_size, load_backbone, resolve_device
-from .config import REQUIRED
-from .data import AUG_DEFAULTS, dataset_from_table, read_annotations
-from .errors import TransfiraError
-from .features import extract_outputs, readable_mask, write_skipped
-from .io import file_fingerprint, load_id_vectors, save_csv, save_id_vectors, save_npy
-from .labels import center_similarities, certainty_ratio, class_centers, class_index
+from .. import distributed as dist_utils
+from ..backbone import check_embedding_size, load_backbone, resolve_device
+from ..config import REQUIRED
+from ..data import AUG_DEFAULTS, dataset_from_table, read_annotations
+from ..errors import TransfiraError
+from ..features import extract_outputs, readable_mask, write_skipped
+from ..io import file_fingerprint, load_id_vectors, save_csv, save_id_vectors, save_npy
+from ..labels import center_similarities, certainty_ratio, class_centers, class_index
 
 TABLE_SCHEMA = {
     "data_dir": REQUIRED,
