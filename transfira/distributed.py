@@ -82,13 +82,6 @@ def process_group(device: torch.device) -> Iterator[DistInfo]:
         cleanup()
 
 
-def refuse_torchrun(what: str) -> None:
-    """One clear error under torchrun for a job that does not shard its images (every rank would
-    write the same files)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TransfiraError(f"{what} runs in one process: start it with python, not torchrun")
-
-
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
