@@ -4,9 +4,11 @@
     python score.py --model_path encoder.onnx --checkpoint predictor.pt --images photos/ --out scores.csv
     python score.py --model_path ../shared/models/w600k_mbf.onnx --images photos/   # the shipped predictor
     python score.py ... --csv test.csv --data_dir images/ --detect scrfd_500m_bnkps.onnx   # raw photos
+    torchrun --standalone --nproc_per_node=8 score.py --config configs/score.toml   # one device per process
 
 Writes path (or the CSV's columns), ccs, ccas, recognizable, error; with --detect one row per
-face with its box, detector score and landmarks. Rerunning with the same --out resumes.
+face with its box, detector score and landmarks. Rerunning with the same --out resumes (also
+with another number of torchrun processes: the output is the same as one process writes).
 Flags override the config's keys (see configs/score.toml).
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ FLAGS = {  # flag: (config key, type, help)
     "detect": ("detect", str, "SCRFD ONNX detector: score every face of raw photos"),
     "det_threshold": ("det_threshold", float, "detector score threshold (default: 0.5)"),
     "channel_order": ("channel_order", str, "RGB, or BGR for files written with swapped channels"),
+    "on_bad_image": ("on_bad_image", str, "skip (default): an unreadable file gets an error row; error: stop"),
 }
 
 

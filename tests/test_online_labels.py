@@ -20,7 +20,7 @@ from transfira.errors import TransfiraError
 from transfira.io import save_id_vectors
 from transfira.labels import batch_center_similarities
 from transfira.model import RecognizabilityPredictionNetwork, head_features, head_layout
-from transfira.training import SCHEMA, ridge_fit, train
+from transfira.training import SCHEMA, OnlineLabels, ridge_fit, train
 
 KINDS = ["blur", "noise", "occlusion", "jpeg"]
 
@@ -183,6 +183,20 @@ def test_end_to_end_with_online_labels_and_bad_configs(tmp_path, demo_dir, setup
     other.to_csv(tmp_path / "other.csv", index=False)
     with pytest.raises(TransfiraError, match=r"other\.csv: column 'subject_id': 3 identity"):
         train(config(tmp_path, demo_dir, setup, run_name="bad2", data__annotations=str(tmp_path / "other.csv")))
+
+
+def test_centers_of_the_wrong_width_or_fewer_than_two_are_refused(tmp_path, demo_dir, setup):
+    """A centers file that is not [C >= 2, embedding_size]: one line naming the file."""
+    ids, centers = setup["ids"], setup["centers"]
+    narrow = rf"narrow\.npz: centers have shape \({len(ids)}, 32\), expected \[C, 64\]"
+    for name, (kept_ids, kept), message in [
+            ("narrow.npz", (ids, centers[:, :32]), narrow),
+            ("one.npz", (ids[:1], centers[:1]), r"one\.npz: NNCCS needs at least two class centers, found 1")]:
+        save_id_vectors(tmp_path / name, kept_ids, kept)
+        cfg = config(tmp_path, demo_dir, setup, degrade__centers_path=str(tmp_path / name))
+        with pytest.raises(TransfiraError, match=message) as err:
+            OnlineLabels(cfg, torch.device("cpu"), None)
+        assert "\n" not in str(err.value)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, demo_dir, setup):

@@ -1,4 +1,4 @@
-"""generate.py and test.py under two Gloo ranks on CPU give the one-process outputs; errors stop both ranks.
+"""generate.py, test.py and score.py under two Gloo ranks on CPU give the one-process outputs; errors stop both ranks.
 
 One process and two ranks are both launched by :func:`test_distributed.launch` (plain
 processes, one thread each, so that the float results can be compared; a hang fails the
@@ -16,6 +16,7 @@ from test_distributed import launch
 from test_generate import write_config
 from test_ijb import predictor, release, run_ijb_cli, write_ijb_config  # noqa: F401 - module fixtures
 from test_test_script import N_IMAGES, quality_config, setup  # noqa: F401 - the module fixture
+from test_training import write_toml
 
 
 def assert_same_outputs(one: Path, two: Path) -> None:
@@ -141,13 +142,65 @@ def test_ijb_features_stage_two_ranks_match_one(release, demo_dir, predictor, tm
     assert run_ijb_cli("--config", cfg, "--from", "features", "--to", "features") == {"features": "skipped"}
 
 
-def test_score_py_and_other_ijb_stages_refuse_torchrun(monkeypatch):
+def test_other_ijb_stages_refuse_torchrun(monkeypatch):
     from transfira.errors import TransfiraError
     from transfira.jobs.ijb import run_ijb
-    from transfira.scoring import run_score
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(TransfiraError, match="score.py runs in one process"):
-        run_score({})
     with pytest.raises(TransfiraError, match=r"run_ijb.py runs the features stage alone \(--from features"):
         run_ijb({}, "meta", "features")
+
+
+def score_config(demo: Path, checkpoint: Path, tmp: Path, name: str, bad_row: int, **over) -> Path:
+    """score.py on 23 demo images (batches of 5: rank 1 gets batches 1 and 3), row ``bad_row``
+    pointing at ``tmp/broken.png``, written to ``tmp/<name>.csv``."""
+    paths = pd.read_csv(demo / "test.csv")["path"].head(23).tolist()
+    paths[bad_row] = str(tmp / "broken.png")
+    pd.DataFrame({"path": paths}).to_csv(tmp / "input.csv", index=False)
+    if not (tmp / "broken.png").exists():
+        (tmp / "broken.png").write_bytes(b"not an image")
+    return write_toml(tmp / f"{name}.toml", {
+        "model_path": str(demo / "encoder.onnx"), "checkpoint_path": str(checkpoint), "csv": str(tmp / "input.csv"),
+        "data_dir": str(demo / "images"), "out": str(tmp / f"{name}.csv"), "batch_size": 5, "num_workers": 0,
+        "device": "cpu", **over})
+
+
+def launch_score(cfg: Path, ranks: int, returncode: int = 0) -> list:
+    procs = launch(cfg, ranks, script="score.py")
+    assert [p.returncode for p in procs] == [returncode] * ranks, [p.stderr[-2000:] for p in procs]
+    return procs
+
+
+def test_score_py_two_ranks_match_one(demo_dir, demo_predictor, tmp_path):
+    logs = {}
+    for ranks in (1, 2):  # row 7: batch 1, rank 1's; the last batch (3 rows) is rank 0's alone
+        procs = launch_score(score_config(demo_dir, demo_predictor, tmp_path, f"ranks{ranks}", 7), ranks)
+        logs[ranks] = procs[0].stdout.replace(f"ranks{ranks}.csv", "out.csv").splitlines()
+        assert ranks == 1 or procs[1].stdout + procs[1].stderr == ""  # rank 1 reports nothing
+    one = (tmp_path / "ranks1.csv").read_bytes()
+    assert (tmp_path / "ranks2.csv").read_bytes() == one
+    frame = pd.read_csv(tmp_path / "ranks1.csv", keep_default_na=False)
+    assert len(frame) == 23 and "broken.png" in frame["error"][7] and (frame["error"] != "").sum() == 1
+    assert logs[2] == logs[1] and "22 image(s) scored, 1 error row(s)" in logs[1][-1]
+
+
+def test_score_py_error_on_rank_1_stops_both_and_resumes_with_another_count(demo_dir, demo_predictor, tmp_path):
+    """Row 17 (batch 3, rank 1's) unreadable with on_bad_image = "error": one process stops after 3
+    flushed batches, two ranks after one round (2 batches), both with one line. Once the file is
+    readable, each run is finished with the other number of processes: the uninterrupted file."""
+    cfg = {ranks: score_config(demo_dir, demo_predictor, tmp_path, f"ranks{ranks}", 17, on_bad_image="error")
+           for ranks in (1, 2)}
+    for ranks, flushed in ((1, 15), (2, 10)):
+        procs = launch_score(cfg[ranks], ranks, returncode=2)
+        errors = [[line for line in p.stderr.splitlines() if line.startswith("error: ")] for p in procs]
+        assert all(len(e) == 1 for e in errors) and all(e == errors[0] for e in errors), errors
+        assert "cannot read image" in errors[0][0] and "broken.png" in errors[0][0]
+        assert ranks == 1 or ("rank 1: " in errors[0][0] and "rank 0" not in errors[0][0])
+        assert len(pd.read_csv(tmp_path / f"ranks{ranks}.csv")) == flushed
+    (tmp_path / "broken.png").write_bytes((demo_dir / "images" / pd.read_csv(demo_dir / "test.csv")["path"][0])
+                                          .read_bytes())
+    launch_score(cfg[1], 2)
+    launch_score(cfg[2], 1)
+    launch_score(score_config(demo_dir, demo_predictor, tmp_path, "whole", 17), 1)
+    whole = (tmp_path / "whole.csv").read_bytes()
+    assert (tmp_path / "ranks1.csv").read_bytes() == whole and (tmp_path / "ranks2.csv").read_bytes() == whole

@@ -20,13 +20,13 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .errors import TransfiraError
+from .errors import TransfiraError, describe
 
 GRAD_BUCKET_BYTES = 25 << 20  # gradients per all_reduce in all_reduce_grads (DDP's default bucket_cap_mb)
 
@@ -86,13 +86,6 @@ def process_group(device: torch.device) -> Iterator[DistInfo]:
         yield info
     finally:
         cleanup()
-
-
-def refuse_torchrun(what: str) -> None:
-    """One clear error under torchrun for a job that does not shard its images (every rank would
-    write the same files)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TransfiraError(f"{what} runs in one process: start it with python, not torchrun")
 
 
 def _initialized() -> bool:
@@ -204,6 +197,62 @@ def _broadcast(tensors: Iterable[torch.Tensor], src: int) -> None:
     if _initialized():
         for tensor in tensors:
             dist.broadcast(tensor.data, src=src)
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process (``(0, 1)`` without a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if _initialized() else (0, 1)
+
+
+def on_main(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` run by rank 0 alone (e.g. reading or repairing a file it owns), its result given
+    to every rank; an exception there is raised on every rank as the same :class:`AgreedError`.
+    In one process: ``fn(*args)``, its exceptions as they are."""
+    if not _initialized():
+        return fn(*args)
+    result = error = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args)
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            error = describe(err)
+    error, result = broadcast_object((error, result))
+    if error:
+        raise AgreedError(error)
+    return result
+
+
+def dealt_rows(n: int, batch_size: int, start: int = 0) -> list[int]:
+    """This rank's rows of ``start .. n - 1`` when the batches of ``batch_size`` (the same rows as in
+    one process) are dealt out in turn: batch k goes to rank k mod W."""
+    rank, world = rank_world()
+    batches = range(start, n, batch_size)
+    return [i for b in batches[rank::world] for i in range(b, min(b + batch_size, n))]
+
+
+def dealt_rounds(loader: Iterable, run: Callable[[Any], Any], n_batches: int, what: str = "") -> Iterator[list]:
+    """``run(batch)`` on this rank's batches (``loader`` over its :func:`dealt_rows`), round by round.
+
+    Each round yields the results of every rank's batch in rank order, which is the batch order
+    of one process (``n_batches`` in all). Before they are gathered every rank agrees on errors
+    (:func:`raise_agreed`, prefixed by ``what``): an exception while loading or in ``run`` on any
+    rank stops all of them with one message, and nothing of that round is yielded. In one process:
+    ``[run(batch)]`` per batch, its exceptions raised as they are.
+    """
+    world = rank_world()[1]
+    batches = iter(loader)
+    for _ in range(-(-n_batches // world)):
+        if world == 1:
+            yield [run(next(batches))]
+            continue
+        part = error = None
+        try:
+            batch = next(batches, None)
+            part = None if batch is None else run(batch)
+        except Exception as err:  # noqa: BLE001 - reported on every rank below
+            error = describe(err)
+        raise_agreed(error, what)
+        yield [p for p in gather_objects(part) if p is not None]
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

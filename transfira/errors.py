@@ -9,6 +9,11 @@ class TransfiraError(Exception):
     """Bad input or configuration: reported as a one-line message, without a traceback."""
 
 
+def describe(err: BaseException) -> str:
+    """One line for an exception: the message of a :class:`TransfiraError`, else type and message."""
+    return str(err) if isinstance(err, TransfiraError) else f"{type(err).__name__}: {err}"
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a script's ``main``; a :class:`TransfiraError` prints ``error: ...`` and exits 2."""
     try:

@@ -17,7 +17,6 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import distributed as dist_utils
@@ -74,8 +73,8 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
     info = {"rows": len(dataset), "outputs": [[str(p), list(s)] for p, s in zip(paths, shapes)],
             "paths_hash": hashlib.sha1("\n".join(dataset.paths).encode()).hexdigest(),
             "fingerprint": json.loads(json.dumps(fingerprint))}
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    start, skipped = dist_utils.broadcast_object(_resume_point(meta_path, info, partials) if rank == 0 else None)
+    rank = dist_utils.rank_world()[0]
+    start, skipped = dist_utils.on_main(_resume_point, meta_path, info, partials)
     arrays = []
     if rank == 0:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
@@ -85,9 +84,8 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
         else:
             arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=s)
                       for p, s in zip(partials, shapes)]
-    batches = range(start, len(dataset), batch_size)
-    mine = [i for b in batches[rank::world] for i in range(b, min(b + batch_size, len(dataset)))]
-    loader = iter(make_loader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers, device=device))
+    mine = dist_utils.dealt_rows(len(dataset), batch_size, start)
+    loader = make_loader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers, device=device)
     model.eval()
 
     def run(batch: dict[str, Any]) -> tuple[np.ndarray, list[np.ndarray], list[dict]]:
@@ -119,20 +117,8 @@ def extract_outputs(model: nn.Module, dataset: ImageDataset, outputs: Mapping[st
         return index, values, bad
 
     with progress(total=len(dataset), initial=start, desc=desc, unit="img") as bar:
-        for step in range(1, -(-len(batches) // world) + 1):
-            if world == 1:
-                parts = [run(next(loader))]
-            else:
-                part = error = None
-                try:
-                    batch = next(loader, None)
-                    part = run(batch) if batch is not None else None
-                except Exception as err:  # noqa: BLE001 - reported on every rank below
-                    from .training import describe
-
-                    error = describe(err)
-                dist_utils.raise_agreed(error, desc)
-                parts = [p for p in dist_utils.gather_objects(part) if p is not None]
+        rounds = dist_utils.dealt_rounds(loader, run, len(range(start, len(dataset), batch_size)), desc)
+        for step, parts in enumerate(rounds, 1):
             for index, values, bad in parts:
                 for image in bad:
                     log(f"skipping row {image['row']}: {image['error']}")

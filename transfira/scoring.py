@@ -8,12 +8,17 @@ detection), the box ``box_x1, box_y1, box_x2, box_y2``, ``det_score`` and the la
 ``x1, y1, ..., x5, y5`` (the ``landmark_columns`` of test.py); a photo without a face
 gets one row with ``error = no face found``.
 
+``on_bad_image = "error"`` stops at the first batch with an unreadable file instead.
+
 The output is appended batch by batch (flushed each time, header once). A rerun with the
 same ``out`` skips the paths already in it, so an interrupted run resumes; a line torn
 by a crash is dropped first (with the other rows of its photo), so that photo is redone.
+Under ``torchrun`` the batches are shared out and rank 0 alone appends every rank's rows in
+batch order (:func:`run_score`): the same file as one process, resumable with any number of them.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from pathlib import Path
@@ -23,10 +28,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import distributed as dist_utils
 from .alignment import LANDMARK_COLUMNS
+from .backbone import resolve_device
 from .config import REQUIRED
 from .data import AUG_DEFAULTS, ImageDataset, make_loader, read_annotations
-from .distributed import refuse_torchrun
 from .errors import TransfiraError
 from .predictor import Predictor, check_channel_order
 from .progress import log, progress
@@ -48,6 +54,7 @@ SCORE_SCHEMA: dict[str, Any] = {
     "channel_order": "RGB",  # "BGR": the files hold swapped channels (e.g. written by OpenCV from RGB arrays)
     "detect": "",  # SCRFD ONNX model (5 keypoints): detect, align and score every face of raw photos
     "det_threshold": 0.5,
+    "on_bad_image": "skip",  # "skip": an unreadable file gets an error row and the run goes on; "error": stop
     "aug": dict(AUG_DEFAULTS),
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".gif")
@@ -162,59 +169,99 @@ class _Swapped:
 
 
 def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[str, Any]:
-    """Score the images of ``cfg`` (see SCORE_SCHEMA) into ``cfg["out"]``; return counts and the path."""
-    refuse_torchrun("score.py")
+    """Score the images of ``cfg`` (see SCORE_SCHEMA) into ``cfg["out"]``; return counts and the path.
+
+    Under ``torchrun`` the batches of the images still to score are dealt out in turn (batch k,
+    the same images as in one process, to rank k mod W, each rank on its own device); after each
+    round every rank agrees on errors and rank 0 alone appends the gathered rows, in batch order.
+    The output is thus byte for byte that of one process, and an interrupted run resumes from
+    what was flushed with any number of processes. Every rank returns the same counts.
+    """
     if cfg["batch_size"] < 1 or cfg["num_workers"] < 0:
         raise TransfiraError("batch_size must be >= 1 and num_workers >= 0")
+    if cfg["on_bad_image"] not in ("error", "skip"):
+        raise TransfiraError(f"on_bad_image must be 'error' or 'skip', got '{cfg['on_bad_image']}'")
     swap = check_channel_order(cfg["channel_order"]) == "BGR"
     frame, path_col, data_dir = input_table(cfg)
     detect = bool(cfg["detect"])
     out = Path(cfg["out"])
     frame, columns = output_columns(frame, detect)
-    done = done_paths(out, columns, path_col)
-    todo = frame[~frame[path_col].isin(done)].reset_index(drop=True)
-    if predictor is None:
-        options = dict(device=cfg["device"], embedding_size=cfg["embedding_size"] or None, aug=cfg["aug"],
-                       batch_size=cfg["batch_size"], backbone_type=cfg["backbone_type"])
-        predictor = Predictor.from_files(cfg["model_path"], cfg["checkpoint_path"], **options)
-        if predictor.source:
-            log(f"no checkpoint given: using the shipped predictor {predictor.source} for {cfg['model_path']}")
-    if detect and predictor.detector is None:
-        from .detection import SCRFD
+    with dist_utils.process_group(predictor.device if predictor else resolve_device(cfg["device"])) as info:
+        n_done, done = dist_utils.on_main(_done_rows, out, columns, path_col, frame)
+        todo = frame[~done].reset_index(drop=True)
+        if predictor is None:
+            options = dict(device=str(info.device) if info.distributed else cfg["device"], aug=cfg["aug"],
+                           embedding_size=cfg["embedding_size"] or None, batch_size=cfg["batch_size"],
+                           backbone_type=cfg["backbone_type"])
+            predictor = Predictor.from_files(cfg["model_path"], cfg["checkpoint_path"], **options)
+            if predictor.source:
+                log(f"no checkpoint given: using the shipped predictor {predictor.source} for {cfg['model_path']}")
+        if detect and predictor.detector is None:
+            from .detection import SCRFD
 
-        predictor.detector = SCRFD(cfg["detect"], threshold=cfg["det_threshold"])
-    if detect:
-        dataset = ImageDataset(data_dir, todo[path_col].tolist(), _ToArray(swap))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
-                                             collate_fn=_collate)
-    else:
-        transform = _Swapped(predictor.transform) if swap else predictor.transform
-        dataset = ImageDataset(data_dir, todo[path_col].tolist(), transform)
-        loader = make_loader(dataset, cfg["batch_size"], cfg["num_workers"], persistent=False, device=predictor.device)
-    counts = {"images": len(frame), "skipped_done": len(frame) - len(todo), "scored": 0, "errors": 0, "faces": 0}
-    if done:
-        log(f"{out}: {len(done)} image(s) already scored, {len(todo)} to go")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header = not out.is_file() or out.stat().st_size == 0
-    with open(out, "a", newline="") as f, progress(total=len(todo), desc="scoring", unit="img") as bar:
-        for batch in loader:
-            rows = _face_rows(predictor, todo, batch) if detect else _image_rows(predictor, todo, batch)
-            rows = rows.reindex(columns=columns)
-            rows.to_csv(f, header=header, index=False)
-            f.flush()
-            header = False
-            bad = rows["error"].fillna("") != ""
-            counts["errors"] += int(bad.sum())
-            counts["scored"] += int((~bad).sum())
-            counts["faces"] += int((~bad).sum()) if detect else 0
-            bar.update(len(batch) if detect else len(batch["index"]))
+            predictor.detector = SCRFD(cfg["detect"], threshold=cfg["det_threshold"])
+
+        def score(batch) -> tuple[int, pd.DataFrame]:
+            """(images, rows) of one of this rank's batches."""
+            rows = (_face_rows if detect else _image_rows)(predictor, todo, batch, cfg["on_bad_image"])
+            return len(batch) if detect else len(batch["index"]), rows.reindex(columns=columns)
+
+        counts = {"images": len(frame), "skipped_done": len(frame) - len(todo), "scored": 0, "errors": 0, "faces": 0}
+        if n_done:
+            log(f"{out}: {n_done} image(s) already scored, {len(todo)} to go")
+        if info.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        header = info.is_main and (not out.is_file() or out.stat().st_size == 0)
+        rounds = dist_utils.dealt_rounds(_loader(predictor, cfg, todo[path_col].tolist(), data_dir, swap), score,
+                                         len(range(0, len(todo), cfg["batch_size"])), "scoring")
+        with open(out, "a", newline="") if info.is_main else contextlib.nullcontext() as f, \
+                progress(total=len(todo), desc="scoring", unit="img") as bar:
+            for images, rows in (part for parts in rounds for part in parts):  # batch order
+                if info.is_main:
+                    rows.to_csv(f, header=header, index=False)
+                    f.flush()
+                    header = False
+                bad = rows["error"].fillna("") != ""
+                counts["errors"] += int(bad.sum())
+                counts["scored"] += int((~bad).sum())
+                counts["faces"] += int((~bad).sum()) if detect else 0
+                bar.update(images)
     what = f"{counts['faces']} face(s) scored" if detect else f"{counts['scored']} image(s) scored"
     log(f"{what}, {counts['errors']} error row(s), {counts['skipped_done']} already done -> {out}")
     return {**counts, "out": out}
 
 
-def _image_rows(predictor: Predictor, todo: pd.DataFrame, batch: dict[str, Any]) -> pd.DataFrame:
+def _done_rows(out: Path, columns: list[str], path_col: str, frame: pd.DataFrame) -> tuple[int, np.ndarray]:
+    """The number of paths already in ``out`` and the mask of ``frame``'s rows among them (rank 0 reads)."""
+    done = done_paths(out, columns, path_col)
+    return len(done), frame[path_col].isin(done).to_numpy()
+
+
+def _loader(predictor: Predictor, cfg: dict[str, Any], paths: list[str], data_dir: Path, swap: bool):
+    """This rank's batches of ``paths`` (all of them in one process): decoded arrays of whole photos
+    with ``detect``, else the predictor's input tensors."""
+    if cfg["detect"]:
+        dataset = ImageDataset(data_dir, paths, _ToArray(swap))
+    else:
+        dataset = ImageDataset(data_dir, paths, _Swapped(predictor.transform) if swap else predictor.transform)
+    mine = torch.utils.data.Subset(dataset, dist_utils.dealt_rows(len(paths), cfg["batch_size"]))
+    if cfg["detect"]:
+        return torch.utils.data.DataLoader(mine, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+                                           collate_fn=_collate)
+    return make_loader(mine, cfg["batch_size"], cfg["num_workers"], persistent=False, device=predictor.device)
+
+
+def _check_readable(errors: list[str], policy: str) -> None:
+    """With ``on_bad_image = "error"``: one error naming the batch's unreadable files, if any."""
+    bad = [_one_line(e) for e in errors if e]
+    if policy == "error" and bad:
+        raise TransfiraError(f"cannot read image{'s' if len(bad) > 1 else ''} {'; '.join(bad)} "
+                             "(set on_bad_image = 'skip' to give them an error row and go on)")
+
+
+def _image_rows(predictor: Predictor, todo: pd.DataFrame, batch: dict[str, Any], policy: str = "skip") -> pd.DataFrame:
     """One row per image of a DataLoader batch: scores of the readable ones, errors of the others."""
+    _check_readable(batch["error"], policy)
     ok = batch["ok"].numpy().astype(bool)
     rows = todo.iloc[batch["index"].numpy()].reset_index(drop=True)
     ccs, ccas = np.full(len(rows), np.nan, np.float32), np.full(len(rows), np.nan, np.float32)
@@ -226,8 +273,10 @@ def _image_rows(predictor: Predictor, todo: pd.DataFrame, batch: dict[str, Any])
     return rows
 
 
-def _face_rows(predictor: Predictor, todo: pd.DataFrame, items: list[dict[str, Any]]) -> pd.DataFrame:
+def _face_rows(predictor: Predictor, todo: pd.DataFrame, items: list[dict[str, Any]],
+               policy: str = "skip") -> pd.DataFrame:
     """One row per face found in a batch of photos (detect, align, score); error rows for the rest."""
+    _check_readable([item["error"] for item in items], policy)
     records, crops = [], []
     for item in items:
         base = todo.iloc[item["index"]].to_dict()

@@ -33,7 +33,7 @@ from .data import (
     read_annotations,
 )
 from .degradations import DEGRADATIONS
-from .errors import TransfiraError
+from .errors import TransfiraError, describe
 from .evaluation import spearman
 from .io import format_rows, load_id_vectors, numeric_column, save_csv, save_json
 from .labels import batch_center_similarities, class_index
@@ -298,11 +298,6 @@ class SkipSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.skip)
-
-
-def describe(err: BaseException) -> str:
-    """One line for an exception: the message of a :class:`TransfiraError`, else type and message."""
-    return str(err) if isinstance(err, TransfiraError) else f"{type(err).__name__}: {err}"
 
 
 def bad_images(batch: dict[str, Any], policy: str) -> tuple[torch.Tensor, str | None]:
