@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from transfira.calibration import calibrate_csv
+from transfira.jobs.calibrate import calibrate_csv
 from transfira.errors import run_cli
 
 

@@ -18,7 +18,7 @@ import argparse
 from transfira.config import apply_schema, read_toml
 from transfira.errors import run_cli
 from transfira.predictor import predictor_settings
-from transfira.scoring import SCORE_SCHEMA, run_score
+from transfira.jobs.score import SCORE_SCHEMA, run_score
 
 FLAGS = {  # flag: (config key, type, help)
     "model_path": ("model_path", str, "ONNX encoder the predictor was trained from"),

@@ -11,7 +11,7 @@ import os
 
 from transfira.config import load_config
 from transfira.errors import TransfiraError, run_cli
-from transfira.training import SCHEMA, train
+from transfira.jobs.train import SCHEMA, train
 
 
 def main() -> None:

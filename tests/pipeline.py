@@ -19,8 +19,8 @@ def pipeline_configs(demo_dir: Path, root: Path, device: str, amp: str = "none")
     """The four configs: 64 training images (4 steps of 16), 20 test images, SER-FIQ with m = 4."""
     from transfira.jobs.generate import GENERATE_SCHEMA
     from transfira.jobs.test import TEST_SCHEMA
-    from transfira.scoring import SCORE_SCHEMA
-    from transfira.training import SCHEMA
+    from transfira.jobs.score import SCORE_SCHEMA
+    from transfira.jobs.train import SCHEMA
 
     images, encoder = str(demo_dir / "images"), str(demo_dir / "encoder.onnx")
     root.mkdir(parents=True, exist_ok=True)
@@ -52,8 +52,8 @@ def run_pipeline(demo_dir: Path, root: Path, device: str, amp: str = "none") -> 
     """Run the four stages; return what they wrote (features, labels, metrics, test arrays, scores)."""
     from transfira.jobs.generate import run_generate
     from transfira.jobs.test import run_test
-    from transfira.scoring import run_score
-    from transfira.training import train
+    from transfira.jobs.score import run_score
+    from transfira.jobs.train import train
 
     cfgs = pipeline_configs(demo_dir, root, device, amp)
     run_generate(cfgs["generate"])

@@ -15,9 +15,10 @@ from sklearn.metrics import brier_score_loss
 from sklearn.model_selection import StratifiedKFold
 
 from transfira.calibration import (
-    PLOT_FILES, apply_calibrator, brier_score, calibrate_labels, calibration_metrics,
+    apply_calibrator, brier_score, calibrate_labels, calibration_metrics,
     export_calibrator, fit_calibrator, load_calibrator, save_calibrator, stack_scores,
 )
+from transfira.jobs.calibrate import PLOT_FILES
 from transfira.errors import TransfiraError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from torch import nn
 from conftest import ROOT
 from test_training import write_toml
 from transfira.config import apply_schema
-from transfira.training import SCHEMA
+from transfira.jobs.train import SCHEMA
 
 SIZE = 16  # tiny images and encoder: the tests time the collectives, not the convolutions
 TIMEOUT = 300  # seconds for a 2-process run (generous: shared CI machines); a hang fails the test, not CI
@@ -129,6 +129,8 @@ for i, want in ((0, base(0) * 1.5), (1, base(1) * 1.5 + 1), (2, (base(2) + 2) / 
     assert torch.equal(params[i].grad, want), (i, params[i].grad, want)
 assert params[3].grad is None and params[4].grad is None and frozen.grad is None
 print("all_reduce_grads ok")
+dist.barrier()
+dist.destroy_process_group()  # an exit with the group alive can abort Gloo's teardown (SIGABRT)
 """
 
 
@@ -271,7 +273,7 @@ def test_two_ranks_train_as_one_process(tiny, tmp_path, accum):
     from transfira.config import load_config
     from transfira.demo import export_onnx
     from transfira.model import RecognizabilityPredictionNetwork
-    from transfira.training import train
+    from transfira.jobs.train import train
 
     torch.manual_seed(1)
     export_onnx(PlainEncoder().eval(), tmp_path / "plain.onnx", input_size=SIZE)
@@ -307,7 +309,7 @@ def test_all_reduce_grads_average_and_none(tmp_path):
 def test_ridge_start_names_unreadable_image(tiny, tmp_path):
     """The ridge pass follows on_bad_image too (one process: the same agreed error)."""
     from transfira.distributed import AgreedError
-    from transfira.training import train
+    from transfira.jobs.train import train
     from transfira.config import load_config
 
     cfg = config(tiny, tmp_path, table(tiny, tmp_path, "train", 8, {2}), None, head_init="ridge")

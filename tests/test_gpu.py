@@ -16,7 +16,7 @@ from pipeline import pipeline_configs, run_pipeline
 from test_generate import onnx_features
 from test_training import write_toml
 from transfira.errors import TransfiraError
-from transfira.training import train
+from transfira.jobs.train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -13,7 +13,7 @@ from PIL import Image
 from transfira.alignment import LANDMARK_COLUMNS, align_face
 from transfira.errors import TransfiraError
 from transfira.predictor import Predictor
-from transfira.scoring import BOX_COLUMNS, NO_FACE
+from transfira.jobs.score import BOX_COLUMNS, NO_FACE
 
 
 def cli(*args) -> None:

@@ -21,7 +21,7 @@ from transfira.data import build_transform, load_image
 from transfira.errors import TransfiraError
 from transfira.labels import center_similarities, class_centers
 from transfira.model import RecognizabilityPredictionNetwork
-from transfira.training import SCHEMA, train
+from transfira.jobs.train import SCHEMA, train
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, demo_dir, labels):
 def test_resume_with_another_amp_is_refused(tmp_path, demo_dir, labels):
     """A GradScaler state (fp16) is loaded only into a GradScaler: fp16 <-> none is one line, not a traceback."""
     from transfira.distributed import DistInfo
-    from transfira.training import _load_resume
+    from transfira.jobs.train import _load_resume
 
     run = train(make_config(tmp_path, demo_dir, labels, train_csv="small", val__annotations="", opt__num_epochs=1))
     state = torch.load(run / "resume.pt", weights_only=True)
@@ -190,7 +190,7 @@ def test_loader_pins_memory_for_cuda_runs_only():
 
 def test_demo_config_is_valid():
     from transfira.config import load_config
-    from transfira.training import check_config
+    from transfira.jobs.train import check_config
 
     for path in ("configs/demo/train.toml", "configs/train.toml"):
         check_config(load_config(ROOT / path, SCHEMA), path)

@@ -33,7 +33,8 @@ def read_state(path: str | Path, what: str = "checkpoint") -> Any:
         raise TransfiraError(f"{path}: cannot read {what} (weights_only=True): {type(err).__name__}: {err}") from None
 
 
-def _shown(keys: list[str], most: int = 8) -> str:
+def shown_keys(keys: list[str], most: int = 8) -> str:
+    """The first ``most`` keys, comma-separated, and how many more (for error messages)."""
     return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
 
 
@@ -83,9 +84,9 @@ def load_predictor_checkpoint(path: str | Path, model: nn.Module, state: dict | 
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys ({len(missing)}): {_shown(missing)}")
+            parts.append(f"missing keys ({len(missing)}): {shown_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_shown(unexpected)}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {shown_keys(unexpected)}")
         raise TransfiraError(f"{path}: checkpoint does not match the model; " + "; ".join(parts))
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):

@@ -28,14 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import distributed as dist_utils
-from .alignment import LANDMARK_COLUMNS
-from .backbone import resolve_device
-from .config import REQUIRED
-from .data import AUG_DEFAULTS, ImageDataset, make_loader, read_annotations
-from .errors import TransfiraError
-from .predictor import Predictor, check_channel_order
-from .progress import log, progress
+from .. import distributed as dist_utils
+from ..alignment import LANDMARK_COLUMNS
+from ..backbone import resolve_device
+from ..config import REQUIRED
+from ..data import AUG_DEFAULTS, ImageDataset, make_loader, read_annotations
+from ..errors import TransfiraError
+from ..predictor import Predictor, check_channel_order
+from ..progress import log, progress
 
 SCORE_SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
@@ -197,7 +197,7 @@ def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[s
             if predictor.source:
                 log(f"no checkpoint given: using the shipped predictor {predictor.source} for {cfg['model_path']}")
         if detect and predictor.detector is None:
-            from .detection import SCRFD
+            from ..detection import SCRFD
 
             predictor.detector = SCRFD(cfg["detect"], threshold=cfg["det_threshold"])
 
