@@ -3,7 +3,7 @@
     python explain.py --config configs/explain.toml
 
 Writes sweeps.csv, sweeps_summary.csv, crossings.csv/.md, subjects.csv, attribution.csv and the
-PNG figures into the config's outdir (see the README section "Explaining recognizability").
+PNG figures into the config's outdir (see docs/explain.md).
 """
 from __future__ import annotations
 

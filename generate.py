@@ -11,7 +11,7 @@ from transfira.jobs.generate import GENERATE_SCHEMA, run_generate
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="TransFIRA stage 1: recognizability labels (CCS, NNCCS, CCAS)")
-    parser.add_argument("--config", default="configs/generate.toml", help="TOML config (see README)")
+    parser.add_argument("--config", default="configs/generate.toml", help="TOML config (see docs/labels.md)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow reading legacy pickled centers files")
     args = parser.parse_args()
     run_generate(load_config(args.config, GENERATE_SCHEMA), allow_pickle=args.allow_pickle)

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from transfira.config import apply_schema, read_toml
 from transfira.errors import run_cli
-from transfira.predictor import predictor_settings
-from transfira.jobs.score import SCORE_SCHEMA, run_score
+from transfira.jobs.score import run_score, score_config
 
 FLAGS = {  # flag: (config key, type, help)
     "model_path": ("model_path", str, "ONNX encoder the predictor was trained from"),
@@ -46,19 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag, (_, kind, text) in FLAGS.items():
         parser.add_argument(f"--{flag}", type=kind, help=text)
     args = parser.parse_args(argv)
-    raw = read_toml(args.config) if args.config else {}
-    if "outdir" in raw or "checkpoint_outdir" in raw:  # a test.toml or train.toml: its predictor, as from_config
-        settings = predictor_settings(raw, args.config)
-        raw = {"model_path": settings["model_path"], "checkpoint_path": str(settings["checkpoint_path"]),
-               "device": settings["device"], "embedding_size": settings["embedding_size"] or 0,
-               "backbone_type": settings["backbone_type"], **({"aug": settings["aug"]} if settings["aug"] else {})}
     given = {key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items() if getattr(args, flag) is not None}
-    if "images" in given:
-        raw.pop("csv", None)
-    if "csv" in given:
-        raw.pop("images", None)
-    cfg = apply_schema({**raw, **given}, SCORE_SCHEMA, source=args.config or "command line")
-    run_score(cfg)
+    run_score(score_config(args.config, given))
 
 
 if __name__ == "__main__":

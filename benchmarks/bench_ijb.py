@@ -45,7 +45,7 @@ def part_extract(args) -> None:
 
     from transfira.data import dataset_from_table
     from transfira.ijb import build_test_table, make_synthetic_release
-    from transfira.jobs.ijb import IJB_SCHEMA, test_config
+    from transfira.jobs.ijb import IJB_SCHEMA, extraction_config
     from transfira.networks import embed_and_score
     from transfira.config import apply_schema
 
@@ -67,7 +67,7 @@ def part_extract(args) -> None:
               f"{args.threads} torch thread(s), batch {args.batch}")
         base = apply_schema({"root": str(tmp / "release"), "model_path": str(model), "embedding_size": dim,
                              "num_workers": 0, "device": "cpu", "batch_size": args.batch}, IJB_SCHEMA, "bench")
-        tcfg = test_config(base, tmp)
+        tcfg = extraction_config(base, tmp)
         frame = pd.read_csv(tmp / "test.csv")
         dataset = dataset_from_table(frame, tcfg["data"], tcfg["aug"], "bench")
         start = time.perf_counter()
@@ -76,7 +76,7 @@ def part_extract(args) -> None:
         align = time.perf_counter() - start
         print(f"decode + align + normalize: {len(dataset) / align:8.1f} images/s")
         for flip in (False, True):
-            tcfg = test_config({**base, "flip": flip}, tmp)
+            tcfg = extraction_config({**base, "flip": flip}, tmp)
             best = float("inf")
             for _ in range(args.repeats):
                 for f in (tmp / "features").glob("*.npy"):

@@ -5,7 +5,7 @@ NCHW, normalized exactly as for PyTorch (SPEC §2): ``(pixel / 255 - mean) / std
 resizing to ``resize_dim`` (bilinear) and center-cropping ``crop_dim``. Outputs ``ccs`` and
 ``ccas`` are float32 ``[N]``; an image is recognizable when ``ccas > 0``. These facts are
 stored in the model's metadata (``metadata_props``; values are JSON) so a deployment
-without this package can read them: see :func:`read_metadata` and the README.
+without this package can read them: see :func:`read_metadata` and docs/scoring.md.
 """
 from __future__ import annotations
 

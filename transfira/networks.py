@@ -21,15 +21,11 @@ from .data import dataset_from_table
 from .errors import TransfiraError
 from .features import extract_outputs, write_skipped
 from .io import file_fingerprint
+from .progress import log
 from .quality import SerFiq
 
-
 FINGERPRINT_KEYS = ("model_path", "predictor_model_path", "checkpoint_path")  # a resumed pass needs the same files
-
-
 FEATURES, CCS, CCAS, SKIPPED = "test_features.npy", "test_ccs.npy", "test_ccas.npy", "test_skipped.csv"
-
-
 SERFIQ = "test_serfiq.npy"
 
 
@@ -108,6 +104,12 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     ``test_skipped.csv``. SER-FIQ runs the deployed encoder even without ``features``.
     Rows of skipped images are NaN. Returns ``(features, ccs, ccas, serfiq)`` (None where not computed;
     all None on ranks other than 0 under torchrun). ``device``: this rank's (default: ``cfg["device"]``).
+
+    ``cfg`` holds test.py's keys (:data:`transfira.jobs.test.TEST_SCHEMA`) that the pass reads:
+    ``backbone_type``, ``model_path``, ``predictor_model_path``, ``checkpoint_path``,
+    ``embedding_size``, ``device``, ``batch_size``, ``num_workers``, ``on_bad_image``, ``outdir``,
+    ``flip_test``, ``[aug]``, ``[data]`` (``data_dir``, ``annotations``, ``path_col_name``,
+    ``landmark_columns``, ``batch_size``) and, with ``serfiq``, ``[quality.serfiq]``.
     """
     device = device or resolve_device(cfg["device"])
     data, outdir = cfg["data"], Path(cfg["outdir"])
@@ -138,3 +140,32 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     if arrays:
         write_skipped(frame, skipped, outdir / SKIPPED)
     return tuple(arrays.get(k) for k in ("embedding", "predicted CCS", "predicted CCAS", "SER-FIQ"))
+
+
+class SharedBackbone(nn.Module):
+    """Encoder and predictor with the same backbone weights (a frozen-backbone predictor): one backbone
+    pass gives ``(embedding, ccs, ccas)``, as :class:`~transfira.networks.EncoderAndPredictor` would."""
+
+    def __init__(self, predictor: nn.Module):
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.predictor.backbone(images)
+        return features, *self.predictor.heads(features)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules have identical state dicts (keys, shapes and values)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def encoder_and_predictor(cfg: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """``(a module giving (embedding, ccs, ccas) per image, the predictor)``: one backbone pass when the
+    predictor's backbone is the deployed encoder itself (a frozen-backbone predictor), else two."""
+    encoder, predictor = load_encoder(cfg, device), load_predictor(cfg, device)
+    if same_weights(encoder, predictor.backbone):
+        log("the predictor's backbone is the encoder: one backbone pass per image")
+        return SharedBackbone(predictor).eval(), predictor
+    return EncoderAndPredictor(encoder, predictor).eval(), predictor

@@ -20,15 +20,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 from ..config import REQUIRED
 from ..data import AUG_DEFAULTS, ImageDataset, dataset_from_table, read_annotations
 from ..degradations import DEGRADATIONS, degrade
 from ..errors import TransfiraError
 from ..features import extract_outputs
-from ..networks import EncoderAndPredictor, load_encoder, load_predictor
+from ..networks import encoder_and_predictor
 from ..io import atomic_path, file_fingerprint, load_id_vectors, save_csv
 from ..labels import center_similarities, class_index, nearest_nonmatch
 from ..progress import log
@@ -159,34 +157,6 @@ class DegradedDataset(ImageDataset):
         return degrade(super().load(index), self.kinds[index], float(self.levels[index]), self.seeds[index])
 
 
-class SharedBackbone(nn.Module):
-    """Encoder and predictor with the same backbone weights (a frozen-backbone predictor): one backbone
-    pass gives ``(embedding, ccs, ccas)``, as :class:`~transfira.networks.EncoderAndPredictor` would."""
-
-    def __init__(self, predictor: nn.Module):
-        super().__init__()
-        self.predictor = predictor
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = self.predictor.backbone(images)
-        return features, *self.predictor.heads(features)
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two modules have identical state dicts (keys, shapes and values)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def build_model(cfg: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """``(sweep model giving (embedding, ccs, ccas), predictor)``; one backbone pass when they share weights."""
-    encoder, predictor = load_encoder(cfg, device), load_predictor(cfg, device)
-    if same_weights(encoder, predictor.backbone):
-        log("the predictor's backbone is the encoder: one backbone pass per image")
-        return SharedBackbone(predictor).eval(), predictor
-    return EncoderAndPredictor(encoder, predictor).eval(), predictor
-
-
 def true_labels(features: np.ndarray, ids: np.ndarray, center_ids: np.ndarray, centers: np.ndarray,
                 clean_rows: np.ndarray, counts: np.ndarray | None, cfg: dict[str, Any], device,
                 block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
@@ -305,7 +275,7 @@ def run_explain(cfg: dict[str, Any]) -> dict[str, Path]:
     clean_row = np.full(len(frame), -1)
     clean_row[used] = np.arange(len(used))  # plan row of each used image's undegraded pass
     device = resolve_device(cfg["device"])
-    model, predictor = build_model(cfg, device)
+    model, predictor = encoder_and_predictor(cfg, device)
     base = dataset_from_table(frame, data, cfg["aug"], data["annotations"])
     dataset = DegradedDataset(base, plan, cfg["seed"])
     log(f"explain: {len(used)} images, {len(swept)} swept x {len(kinds)} degradations x "

@@ -116,7 +116,7 @@ class Stages:
         save_json(self.path, self.done)
 
 
-def test_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
+def extraction_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
     """The extraction settings of the features stage (:func:`transfira.networks.embed_and_score`):
     aligned loose crops, the flip test as configured, no quality scores."""
     from ..alignment import LANDMARK_COLUMNS
@@ -149,7 +149,7 @@ def stage_features(cfg: dict[str, Any], outdir: Path) -> None:
     from ..backbone import resolve_device
     from ..networks import embed_and_score
 
-    tcfg = test_config(cfg, outdir)
+    tcfg = extraction_config(cfg, outdir)
     frame = pd.read_csv(outdir / "test.csv")
     with dist_utils.process_group(resolve_device(tcfg["device"])) as info:  # under torchrun: every rank
         embed_and_score(tcfg, frame, True, bool(cfg["checkpoint_path"]), device=info.device)

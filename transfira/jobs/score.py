@@ -31,10 +31,10 @@ import torch
 from .. import distributed as dist_utils
 from ..alignment import LANDMARK_COLUMNS
 from ..backbone import resolve_device
-from ..config import REQUIRED
+from ..config import REQUIRED, apply_schema, read_toml
 from ..data import AUG_DEFAULTS, ImageDataset, make_loader, read_annotations
 from ..errors import TransfiraError
-from ..predictor import Predictor, check_channel_order
+from ..predictor import Predictor, check_channel_order, predictor_settings
 from ..progress import log, progress
 
 SCORE_SCHEMA: dict[str, Any] = {
@@ -166,6 +166,23 @@ class _Swapped:
         from PIL import Image
 
         return self.transform(Image.fromarray(np.ascontiguousarray(np.asarray(image)[:, :, ::-1])))
+
+
+def score_config(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The job's config from a TOML file (a score.toml; or a test.toml / train.toml, whose predictor is
+    used as :meth:`Predictor.from_config` would) and the command line's values ``given``, which
+    win; ``images`` given on the command line replaces the file's ``csv`` and vice versa."""
+    raw = read_toml(config) if config else {}
+    if "outdir" in raw or "checkpoint_outdir" in raw:  # a test.toml or train.toml: its predictor
+        settings = predictor_settings(raw, config)
+        raw = {"model_path": settings["model_path"], "checkpoint_path": str(settings["checkpoint_path"]),
+               "device": settings["device"], "embedding_size": settings["embedding_size"] or 0,
+               "backbone_type": settings["backbone_type"], **({"aug": settings["aug"]} if settings["aug"] else {})}
+    if "images" in given:
+        raw.pop("csv", None)
+    if "csv" in given:
+        raw.pop("images", None)
+    return apply_schema({**raw, **given}, SCORE_SCHEMA, source=config or "command line")
 
 
 def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[str, Any]:

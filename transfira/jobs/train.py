@@ -10,7 +10,6 @@ The building blocks (ridge heads, online labels, validation) are :mod:`transfira
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,8 @@ from ..io import format_rows, numeric_column, save_csv, save_json
 from ..labels import class_index
 from ..model import HEAD_INPUTS, RecognizabilityPredictionNetwork
 from ..progress import log, progress
-from ..training import (AMP_DTYPES, OnlineLabels, SkipSampler, autocast_for, bad_images, ridge_init_heads,
-                        validation_pass)
+from ..training import (AMP_DTYPES, OnlineLabels, SkipSampler, autocast_for, bad_images, ridge_init_heads, rng_state,
+                        seed_everything, set_rng_state, validation_pass)
 
 _TABLE = {"data_dir": REQUIRED, "annotations": REQUIRED, "path_col_name": "path", "ccs_col_name": "ccs",
           "ccas_col_name": "ccas", "label_col_name": "subject_id", "batch_size": 64}
@@ -189,31 +188,6 @@ def read_identities(table: dict[str, Any], center_ids: np.ndarray) -> tuple[list
     except TransfiraError as err:
         raise TransfiraError(f"{csv}: column '{cols[1]}': {err} (degrade.centers_path)") from None
     return frame[cols[0]].astype(str).tolist(), classes
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """Every RNG's state; CUDA's only for a CUDA run (reading it would open contexts on every GPU)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "cached": float(cached)}, "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resume_path(path: str | Path) -> Path:
@@ -389,7 +363,7 @@ def _loop(cfg, info, amp, model, optimizer, scheduler, scaler, loss_fn, train_se
     dist_utils.broadcast_parameters(model)
 
     def save_resume(epoch: int, done: int) -> None:
-        ranks = dist_utils.gather_objects({"rng": _rng_state(device), **counts.as_dict()})
+        ranks = dist_utils.gather_objects({"rng": rng_state(device), **counts.as_dict()})
 
         def write() -> None:
             save_state(run_dir / RESUME_FILE, {
@@ -644,9 +618,9 @@ def _load_resume(state: dict[str, Any], model: nn.Module, optimizer, scheduler, 
     ranks = state.get("ranks")
     if isinstance(ranks, list) and len(ranks) == info.world_size:  # each rank continues from its own state
         mine = ranks[info.rank]
-        _set_rng_state(mine["rng"])
+        set_rng_state(mine["rng"])
         return _EpochCounts(mine["loss_sum"], mine["loss_count"], mine.get("skipped", 0), mine.get("rows"))
-    _set_rng_state(state["rng"])  # an older resume file, or an epoch end with another number of processes
+    set_rng_state(state["rng"])  # an older resume file, or an epoch end with another number of processes
     if state["batches_done"]:
         return _EpochCounts(state["loss_sum"], state["loss_count"])
     return _EpochCounts()
