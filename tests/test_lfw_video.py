@@ -124,7 +124,7 @@ def test_ridge_fit_matches_augmented_least_squares():
 def test_small_real_run(tmp_path):
     """All stages on ~30 identities with 3-frame clips, one end-to-end step; the rows are consistent."""
     small = ["protocol.max_ids_train=12", "protocol.max_photos_train=3", "protocol.max_ids_test=14",
-             "protocol.frames=3", "prepare.e2e_train_ids=4", "evaluate.bootstrap=20", "evaluate_orl.bootstrap=20", "evaluate_orl.recut=10", "evaluate_lfw1.bootstrap=20",
+             "protocol.frames=3", "prepare.e2e_train_ids=4", "evaluate.bootstrap=20", "evaluate_orl.bootstrap=20", "evaluate_orl.images.recut=10", "evaluate_lfw1.bootstrap=20",
              "train.save_every_steps=0", "train.opt.num_epochs=1", "train.data.batch_size=8",
              "train_e2e.save_every_steps=0", "train_e2e.num_workers=0", "test.quality.serfiq.m=4",
              "generate.num_workers=0", "train.num_workers=0", "test.num_workers=0", "evaluate.fmr=[0.02, 0.1]",
