@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from transfira.jobs.calibrate import calibrate_csv
+from transfira.jobs import calibrate
 from transfira.errors import run_cli
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="shuffle the folds with this seed (default: unshuffled, as the paper)")
     args = parser.parse_args(argv)
-    metrics = calibrate_csv(args.csv, args.outdir, args.model, plots=not args.no_plots,
+    metrics = calibrate.run(args.csv, args.outdir, args.model, plots=not args.no_plots,
                             folds=args.folds, seed=args.seed)
     if "brier" in metrics:
         print(f"Brier score: {metrics['brier']:.4f}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from transfira.errors import run_cli
-from transfira.jobs.evaluate import load_evaluate_config, run
+from transfira.jobs import evaluate
 
 
 def main() -> None:
@@ -16,9 +16,9 @@ def main() -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read legacy pickled templates_*.npy files (runs code from the file: trusted files only)")
     args = parser.parse_args()
-    cfg = load_evaluate_config(args.config)
+    cfg = evaluate.load_evaluate_config(args.config)
     cfg["allow_pickle"] = cfg["allow_pickle"] or args.allow_pickle
-    run(cfg)
+    evaluate.run(cfg)
 
 
 if __name__ == "__main__":

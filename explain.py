@@ -11,7 +11,7 @@ import argparse
 
 from transfira.config import load_config
 from transfira.errors import run_cli
-from transfira.jobs.explain import EXPLAIN_SCHEMA, run_explain
+from transfira.jobs import explain
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/explain.toml", help="TOML config (see configs/explain.toml)")
     parser.add_argument("--allow-pickle", action="store_true", help="read a legacy pickled centers file (trusted only)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, EXPLAIN_SCHEMA)
+    cfg = load_config(args.config, explain.SCHEMA)
     cfg["allow_pickle"] = cfg["allow_pickle"] or args.allow_pickle
-    run_explain(cfg)
+    explain.run(cfg)
 
 
 if __name__ == "__main__":

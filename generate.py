@@ -6,7 +6,7 @@ import argparse
 
 from transfira.config import load_config
 from transfira.errors import run_cli
-from transfira.jobs.generate import GENERATE_SCHEMA, run_generate
+from transfira.jobs import generate
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/generate.toml", help="TOML config (see docs/labels.md)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow reading legacy pickled centers files")
     args = parser.parse_args()
-    run_generate(load_config(args.config, GENERATE_SCHEMA), allow_pickle=args.allow_pickle)
+    generate.run(load_config(args.config, generate.SCHEMA), allow_pickle=args.allow_pickle)
 
 
 if __name__ == "__main__":

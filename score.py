@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from transfira.errors import run_cli
-from transfira.jobs.score import run_score, score_config
+from transfira.jobs import score
 
 FLAGS = {  # flag: (config key, type, help)
     "model_path": ("model_path", str, "ONNX encoder the predictor was trained from"),
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{flag}", type=kind, help=text)
     args = parser.parse_args(argv)
     given = {key: getattr(args, flag) for flag, (key, _, _) in FLAGS.items() if getattr(args, flag) is not None}
-    run_score(score_config(args.config, given))
+    score.run(score.score_config(args.config, given))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 from transfira.aggregation import VARIANTS, variant_name
 from transfira.config import load_config
 from transfira.errors import TransfiraError, run_cli
-from transfira.jobs.test import TEST_SCHEMA, run_test
+from transfira.jobs import test
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> None:
                                    "ccas_path") if getattr(args, flag)]
     if modifiers and not args.aggregate_features:
         raise TransfiraError(f"--{modifiers[0]} applies to --aggregate_features, which was not given")
-    cfg = load_config(args.config, TEST_SCHEMA)
+    cfg = load_config(args.config, test.SCHEMA)
     cfg["allow_pickle"] = cfg["allow_pickle"] or args.allow_pickle
     variants = list(VARIANTS) if args.all_variants else [variant_name(args.use_filter, args.use_weight)]
-    run_test(cfg, args.generate_features, args.predict_scores, args.aggregate_features, variants,
+    test.run(cfg, args.generate_features, args.predict_scores, args.aggregate_features, variants,
              args.features_path, args.ccs_path, args.ccas_path)
 
 

@@ -11,7 +11,7 @@ import os
 
 from transfira.config import load_config
 from transfira.errors import TransfiraError, run_cli
-from transfira.jobs.train import SCHEMA, train
+from transfira.jobs import train
 
 
 def main() -> None:
@@ -26,9 +26,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.config is None and args.resume is None:
         raise TransfiraError("give --config CONFIG (or --resume RUN_DIR to continue a run)")
-    cfg = load_config(args.config, SCHEMA) if args.config else None
-    run_dir = train(cfg, resume=args.resume, max_steps=args.max_steps, config_path=args.config or "config",
-                    overwrite=args.overwrite)
+    cfg = load_config(args.config, train.SCHEMA) if args.config else None
+    run_dir = train.run(cfg, resume=args.resume, max_steps=args.max_steps, config_path=args.config or "config",
+                        overwrite=args.overwrite)
     if os.environ.get("RANK", "0") == "0":
         print(f"run directory: {run_dir}")
 

@@ -25,7 +25,7 @@ from transfira.backbone import load_backbone
 from transfira.config import apply_schema
 from transfira.data import FreshlyDegradedDataset, build_transform, load_image, make_loader
 from transfira.io import save_id_vectors
-from transfira.jobs.train import SCHEMA, train
+from transfira.jobs.train import SCHEMA, run as train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -45,7 +45,7 @@ def part_extract(args) -> None:
 
     from transfira.data import dataset_from_table
     from transfira.ijb import build_test_table, make_synthetic_release
-    from transfira.jobs.ijb import IJB_SCHEMA, extraction_config
+    from transfira.jobs.ijb import SCHEMA as IJB_SCHEMA, extraction_config
     from transfira.networks import embed_and_score
     from transfira.config import apply_schema
 

@@ -17,9 +17,9 @@ from transfira.config import apply_schema
 
 def pipeline_configs(demo_dir: Path, root: Path, device: str, amp: str = "none") -> dict[str, dict[str, Any]]:
     """The four configs: 64 training images (4 steps of 16), 20 test images, SER-FIQ with m = 4."""
-    from transfira.jobs.generate import GENERATE_SCHEMA
-    from transfira.jobs.test import TEST_SCHEMA
-    from transfira.jobs.score import SCORE_SCHEMA
+    from transfira.jobs.generate import SCHEMA as GENERATE_SCHEMA
+    from transfira.jobs.test import SCHEMA as TEST_SCHEMA
+    from transfira.jobs.score import SCHEMA as SCORE_SCHEMA
     from transfira.jobs.train import SCHEMA
 
     images, encoder = str(demo_dir / "images"), str(demo_dir / "encoder.onnx")
@@ -50,10 +50,10 @@ def pipeline_configs(demo_dir: Path, root: Path, device: str, amp: str = "none")
 
 def run_pipeline(demo_dir: Path, root: Path, device: str, amp: str = "none") -> dict[str, Any]:
     """Run the four stages; return what they wrote (features, labels, metrics, test arrays, scores)."""
-    from transfira.jobs.generate import run_generate
-    from transfira.jobs.test import run_test
-    from transfira.jobs.score import run_score
-    from transfira.jobs.train import train
+    from transfira.jobs.generate import run as run_generate
+    from transfira.jobs.test import run as run_test
+    from transfira.jobs.score import run as run_score
+    from transfira.jobs.train import run as train
 
     cfgs = pipeline_configs(demo_dir, root, device, amp)
     run_generate(cfgs["generate"])

@@ -273,7 +273,7 @@ def test_two_ranks_train_as_one_process(tiny, tmp_path, accum):
     from transfira.config import load_config
     from transfira.demo import export_onnx
     from transfira.model import RecognizabilityPredictionNetwork
-    from transfira.jobs.train import train
+    from transfira.jobs.train import run as train
 
     torch.manual_seed(1)
     export_onnx(PlainEncoder().eval(), tmp_path / "plain.onnx", input_size=SIZE)
@@ -309,7 +309,7 @@ def test_all_reduce_grads_average_and_none(tmp_path):
 def test_ridge_start_names_unreadable_image(tiny, tmp_path):
     """The ridge pass follows on_bad_image too (one process: the same agreed error)."""
     from transfira.distributed import AgreedError
-    from transfira.jobs.train import train
+    from transfira.jobs.train import run as train
     from transfira.config import load_config
 
     cfg = config(tiny, tmp_path, table(tiny, tmp_path, "train", 8, {2}), None, head_init="ridge")

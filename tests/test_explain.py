@@ -14,8 +14,8 @@ from transfira.backbone import load_backbone
 from transfira.config import apply_schema, load_config
 from transfira.data import build_transform, load_image
 from transfira.errors import TransfiraError
-from transfira.jobs.explain import EXPLAIN_SCHEMA, SWEEP_COLUMNS, run_explain, subject_factors, zero_crossing
-from transfira.jobs.generate import GENERATE_SCHEMA, run_generate
+from transfira.jobs.explain import SCHEMA as EXPLAIN_SCHEMA, SWEEP_COLUMNS, run as run_explain, subject_factors, zero_crossing
+from transfira.jobs.generate import SCHEMA as GENERATE_SCHEMA, run as run_generate
 from transfira.labels import nearest_nonmatch
 from transfira.model import RecognizabilityPredictionNetwork
 

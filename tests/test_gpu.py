@@ -16,7 +16,7 @@ from pipeline import pipeline_configs, run_pipeline
 from test_generate import onnx_features
 from test_training import write_toml
 from transfira.errors import TransfiraError
-from transfira.jobs.train import train
+from transfira.jobs.train import run as train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -44,7 +44,7 @@ def test_serfiq_masks_equal_the_cpus():
 def test_training_with_each_amp_resumes(demo_dir, tmp_path, amp):
     """Killed after 2 applied steps, resumed to the end of the epoch: its 4 steps are applied or
     (fp16, GradScaler finding inf/NaN gradients) skipped, and the metrics are finite."""
-    from transfira.jobs.generate import run_generate
+    from transfira.jobs.generate import run as run_generate
 
     cfgs = pipeline_configs(demo_dir, tmp_path, "cuda", amp)
     run_generate(cfgs["generate"])
@@ -65,7 +65,7 @@ def test_training_with_each_amp_resumes(demo_dir, tmp_path, amp):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_rank_nccl_training(demo_dir, tmp_path):
     cfgs = pipeline_configs(demo_dir, tmp_path, "cuda")
-    from transfira.jobs.generate import run_generate
+    from transfira.jobs.generate import run as run_generate
 
     run_generate(cfgs["generate"])
     cfg = write_toml(tmp_path / "ddp.toml", cfgs["train"])

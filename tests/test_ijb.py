@@ -316,7 +316,7 @@ def test_run_ijb_end_to_end_and_resume(release, demo_dir, predictor, tmp_path):
 
 def test_run_ijb_config_errors(tmp_path):  # no files are read: the checks run on the config alone
     from transfira.config import load_config
-    from transfira.jobs.ijb import IJB_SCHEMA, check_config
+    from transfira.jobs.ijb import SCHEMA as IJB_SCHEMA, check_config
 
     bad = write_ijb_config(tmp_path / "a.toml", tmp_path, tmp_path, tmp_path / "p.pt", tmp_path / "o", media_pool=True)
     with pytest.raises(TransfiraError, match="unknown key 'media_pool'.*did you mean 'media_pooling'"):
@@ -332,7 +332,7 @@ def test_run_ijb_config_errors(tmp_path):  # no files are read: the checks run o
 @pytest.mark.parametrize("name", ["ijbc", "ijbb", "synthetic"])
 def test_example_configs_are_valid(name):
     from transfira.config import load_config
-    from transfira.jobs.ijb import IJB_SCHEMA, check_config
+    from transfira.jobs.ijb import SCHEMA as IJB_SCHEMA, check_config
 
     path = ROOT / "configs" / "examples" / "ijbc" / f"{name}.toml"
     cfg = check_config(load_config(path, IJB_SCHEMA), str(path))

@@ -34,6 +34,17 @@ def test_every_module_is_in_contributing():
     assert all(job in text for job in JOBS)
 
 
+def test_every_job_has_run_and_schema():
+    """The same two names in every job: ``run`` and (but calibrate, which takes flags) ``SCHEMA``."""
+    for job in JOBS:
+        names = {n.name for n in ast.parse((PACKAGE / "jobs" / f"{job}.py").read_text()).body
+                 if isinstance(n, ast.FunctionDef)}
+        names |= {t.id for n in ast.parse((PACKAGE / "jobs" / f"{job}.py").read_text()).body
+                  if isinstance(n, (ast.Assign, ast.AnnAssign))
+                  for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        assert "run" in names and (job == "calibrate" or "SCHEMA" in names), f"transfira/jobs/{job}.py: {sorted(names)}"
+
+
 def test_jobs_import_the_library_only():
     for job in JOBS:
         others = {m for m in imported_modules(PACKAGE / "jobs" / f"{job}.py") if m.startswith("transfira.jobs")}

@@ -20,7 +20,7 @@ from transfira.errors import TransfiraError
 from transfira.io import save_id_vectors
 from transfira.labels import batch_center_similarities
 from transfira.model import RecognizabilityPredictionNetwork, head_features, head_layout
-from transfira.jobs.train import SCHEMA, train
+from transfira.jobs.train import SCHEMA, run as train
 from transfira.training import OnlineLabels, ridge_fit
 
 KINDS = ["blur", "noise", "occlusion", "jpeg"]

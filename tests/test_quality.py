@@ -16,7 +16,7 @@ from transfira.backbone import load_backbone
 from transfira.config import apply_schema
 from transfira.demo import export_onnx
 from transfira.errors import TransfiraError
-from transfira.jobs.test import TEST_SCHEMA
+from transfira.jobs.test import SCHEMA as TEST_SCHEMA
 from transfira.quality import (SerFiq, certainty_ratio, embedding_norm, external_scores, keep_masks, minmax,
                                score_names, score_templates)
 

@@ -102,7 +102,7 @@ def test_two_ranks_resume_what_one_process_flushed(demo_dir, tmp_path, monkeypat
     torch.set_num_threads(1)  # as the launched processes
     try:
         with pytest.raises(KeyboardInterrupt):
-            generation.run_generate(load_config(cfg[2], generation.GENERATE_SCHEMA))
+            generation.run(load_config(cfg[2], generation.SCHEMA))
     finally:
         torch.set_num_threads(threads)
     assert (tmp_path / "ranks2" / "train_features.partial.json").is_file()
@@ -144,7 +144,7 @@ def test_ijb_features_stage_two_ranks_match_one(release, demo_dir, predictor, tm
 
 def test_other_ijb_stages_refuse_torchrun(monkeypatch):
     from transfira.errors import TransfiraError
-    from transfira.jobs.ijb import run_ijb
+    from transfira.jobs.ijb import run as run_ijb
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TransfiraError, match=r"run_ijb.py runs the features stage alone \(--from features"):

@@ -16,7 +16,7 @@ from transfira.backbone import load_backbone
 from transfira.config import load_config
 from transfira.data import build_transform, load_image
 from transfira.errors import TransfiraError
-from transfira.jobs.test import TEST_SCHEMA, run_test
+from transfira.jobs.test import SCHEMA as TEST_SCHEMA, run as run_test
 from transfira.io import load_id_vectors
 from transfira.model import RecognizabilityPredictionNetwork
 

@@ -21,7 +21,7 @@ from transfira.data import build_transform, load_image
 from transfira.errors import TransfiraError
 from transfira.labels import center_similarities, class_centers
 from transfira.model import RecognizabilityPredictionNetwork
-from transfira.jobs.train import SCHEMA, train
+from transfira.jobs.train import SCHEMA, run as train
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ def embed_and_score(cfg: dict[str, Any], frame: pd.DataFrame, features: bool, sc
     Rows of skipped images are NaN. Returns ``(features, ccs, ccas, serfiq)`` (None where not computed;
     all None on ranks other than 0 under torchrun). ``device``: this rank's (default: ``cfg["device"]``).
 
-    ``cfg`` holds test.py's keys (:data:`transfira.jobs.test.TEST_SCHEMA`) that the pass reads:
+    ``cfg`` holds test.py's keys (:data:`transfira.jobs.test.SCHEMA`) that the pass reads:
     ``backbone_type``, ``model_path``, ``predictor_model_path``, ``checkpoint_path``,
     ``embedding_size``, ``device``, ``batch_size``, ``num_workers``, ``on_bad_image``, ``outdir``,
     ``flip_test``, ``[aug]``, ``[data]`` (``data_dir``, ``annotations``, ``path_col_name``,

@@ -20,19 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from transfira.config import load_config  # noqa: E402
 from transfira.errors import run_cli  # noqa: E402
-from transfira.jobs.ijb import IJB_SCHEMA, STAGES, check_config, run_ijb  # noqa: E402
+from transfira.jobs import ijb  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="TOML config (see configs/examples/ijbc/ijbc.toml)")
-    p.add_argument("--from", dest="first", choices=STAGES, default=STAGES[0], help="first stage to run")
-    p.add_argument("--to", dest="last", choices=STAGES, default=STAGES[-1], help="last stage to run")
+    p.add_argument("--from", dest="first", choices=ijb.STAGES, default=ijb.STAGES[0], help="first stage to run")
+    p.add_argument("--to", dest="last", choices=ijb.STAGES, default=ijb.STAGES[-1], help="last stage to run")
     p.add_argument("--force", action="store_true", help="run the stages even when their outputs are up to date")
     args = p.parse_args(argv)
-    cfg = check_config(load_config(args.config, IJB_SCHEMA), args.config)
-    return run_ijb(cfg, args.first, args.last, args.force)
+    cfg = ijb.check_config(load_config(args.config, ijb.SCHEMA), args.config)
+    return ijb.run(cfg, args.first, args.last, args.force)
 
 
 if __name__ == "__main__":

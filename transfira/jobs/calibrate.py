@@ -54,7 +54,7 @@ def plot_calibration(frame: pd.DataFrame, outdir: str | Path) -> list[Path]:
     return written
 
 
-def calibrate_csv(csv: str | Path, outdir: str | Path, model: str | Path | None = None,
+def run(csv: str | Path, outdir: str | Path, model: str | Path | None = None,
                   plots: bool = True, folds: int = 5, seed: int | None = None) -> dict[str, Any]:
     """``calibrate.py``: fit on ``csv`` (or apply the calibrator JSON ``model``) and write outputs.
 

@@ -40,7 +40,7 @@ ATTRIBUTION_SCHEMA: dict[str, Any] = {
     "batch_size": 32,  # images per forward/backward pass
 }
 
-EXPLAIN_SCHEMA: dict[str, Any] = {
+SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
     "model_path": REQUIRED,  # the deployed encoder (true labels)
     "predictor_model_path": "",  # ONNX architecture of the predictor's backbone ('' = model_path)
@@ -248,7 +248,7 @@ def subject_factors(ids: np.ndarray, ccs: np.ndarray, nnccs: np.ndarray, confuse
     return out.reset_index(drop=True)
 
 
-def run_explain(cfg: dict[str, Any]) -> dict[str, Path]:
+def run(cfg: dict[str, Any]) -> dict[str, Path]:
     """Sweeps, crossings, subjects, attribution maps and figures in ``outdir``; returns the files written."""
     from ..attribution import run_attribution
     from ..backbone import resolve_device

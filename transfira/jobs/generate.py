@@ -32,7 +32,7 @@ TABLE_SCHEMA = {
     "landmark_columns": [],  # 10 columns x1, y1, ..., x5, y5: align each image to the ArcFace template first
 }
 
-GENERATE_SCHEMA: dict[str, Any] = {
+SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
     "model_path": REQUIRED,
     "embedding_size": REQUIRED,
@@ -59,7 +59,7 @@ def table_order(config: dict[str, Any]) -> list[str]:
     return sorted(tables, key=rank)
 
 
-def run_generate(config: dict[str, Any], allow_pickle: bool = False) -> dict[str, Path]:
+def run(config: dict[str, Any], allow_pickle: bool = False) -> dict[str, Path]:
     """Run stage 1 for every enabled table; return the labels CSV written per table."""
     if config["on_bad_image"] not in ("error", "skip"):
         raise TransfiraError(f"on_bad_image must be 'error' or 'skip', got '{config['on_bad_image']}'")

@@ -36,7 +36,7 @@ from ..progress import log
 
 STAGES = ("meta", "features", "templates", "evaluate")
 FMR_DEFAULT = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-IJB_SCHEMA: dict[str, Any] = {
+SCHEMA: dict[str, Any] = {
     "root": REQUIRED,  # the release: <root>/loose_crop/, <root>/meta/
     "prefix": "ijbc",  # 'ijbc' or 'ijbb'
     "images_dir": "loose_crop",  # under root
@@ -212,7 +212,7 @@ def stage_evaluate(cfg: dict[str, Any], outdir: Path) -> Path:
     return path
 
 
-def run_ijb(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1], force: bool = False
+def run(cfg: dict[str, Any], first: str = STAGES[0], last: str = STAGES[-1], force: bool = False
             ) -> dict[str, str]:
     """Run stages ``first`` .. ``last`` (skipping fresh ones unless ``force``); return ``{stage: 'ran'|'skipped'}``."""
     main = int(os.environ.get("RANK", "0")) == 0

@@ -14,7 +14,7 @@ The output is appended batch by batch (flushed each time, header once). A rerun 
 same ``out`` skips the paths already in it, so an interrupted run resumes; a line torn
 by a crash is dropped first (with the other rows of its photo), so that photo is redone.
 Under ``torchrun`` the batches are shared out and rank 0 alone appends every rank's rows in
-batch order (:func:`run_score`): the same file as one process, resumable with any number of them.
+batch order (:func:`run`): the same file as one process, resumable with any number of them.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from ..errors import TransfiraError
 from ..predictor import Predictor, check_channel_order, predictor_settings
 from ..progress import log, progress
 
-SCORE_SCHEMA: dict[str, Any] = {
+SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
     "model_path": REQUIRED,  # the ONNX encoder the predictor was trained from
     "checkpoint_path": "",  # predictor checkpoint; "": the one shipped in pretrained_weights/ for this encoder
@@ -182,11 +182,11 @@ def score_config(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
         raw.pop("csv", None)
     if "csv" in given:
         raw.pop("images", None)
-    return apply_schema({**raw, **given}, SCORE_SCHEMA, source=config or "command line")
+    return apply_schema({**raw, **given}, SCHEMA, source=config or "command line")
 
 
-def run_score(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[str, Any]:
-    """Score the images of ``cfg`` (see SCORE_SCHEMA) into ``cfg["out"]``; return counts and the path.
+def run(cfg: dict[str, Any], predictor: Predictor | None = None) -> dict[str, Any]:
+    """Score the images of ``cfg`` (see SCHEMA) into ``cfg["out"]``; return counts and the path.
 
     Under ``torchrun`` the batches of the images still to score are dealt out in turn (batch k,
     the same images as in one process, to rank k mod W, each rank on its own device); after each

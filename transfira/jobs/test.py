@@ -28,7 +28,7 @@ from ..quality import (QUALITY_SCHEMA, certainty_ratio, embedding_norm, external
 
 QUALITY = "test_quality.csv"
 
-TEST_SCHEMA: dict[str, Any] = {
+SCHEMA: dict[str, Any] = {
     "backbone_type": "onnx",
     "model_path": "",  # deployed encoder (ONNX): template features
     "predictor_model_path": "",  # ONNX giving the predictor backbone's architecture ('' = model_path)
@@ -52,7 +52,7 @@ TEST_SCHEMA: dict[str, Any] = {
 }
 
 
-def run_test(cfg: dict[str, Any], generate_features: bool = False, predict_scores: bool = False,
+def run(cfg: dict[str, Any], generate_features: bool = False, predict_scores: bool = False,
              aggregate: bool = False, variants: list[str] | None = None, features_path: str | None = None,
              ccs_path: str | None = None, ccas_path: str | None = None) -> dict[str, Path]:
     """Run the requested steps of stage 3; return ``{name: path}`` of the files written."""

@@ -204,7 +204,7 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
     save_csv(pd.concat([frame, pd.DataFrame([row])], ignore_index=True), path)
 
 
-def train(cfg: dict[str, Any] | None, resume: str | Path | None = None, max_steps: int | None = None,
+def run(cfg: dict[str, Any] | None, resume: str | Path | None = None, max_steps: int | None = None,
           config_path: str = "config", overwrite: bool = False) -> Path:
     """Train the predictor as configured (see :data:`SCHEMA`); return the run directory.
 
