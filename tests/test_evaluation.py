@@ -494,3 +494,25 @@ def test_cut_agreement_and_best_cut_on_a_drifted_level():
     assert sum(a[k] for k in ("both_pos", "pred_pos_true_neg", "pred_neg_true_pos", "both_neg")) == pytest.approx(1)
     cut = ev.best_cut(pred, true)
     assert ev.cut_agreement(pred, true, cut)["agree"] == 1.0 and 0.1 <= cut <= 0.2
+
+
+def test_new_image_options_bad_values_name_the_key(tmp_path):
+    """The enrolment / cut / breakdown options and compare_to: one-line errors naming the key, nothing written."""
+    make_inputs(tmp_path)
+    pairs = f"subjects = '{tmp_path}/subjects.csv'"
+    for text, match in [("enrolment_labels = 'e.csv'\n", "enrolment_labels and enrolment_features go together"),
+                        ("recut = -1\n", "recut must be an integer >= 0"),
+                        ("[images.bins]\nseverity = [1, 0]\n", r"\[images.bins\] must map columns"),
+                        ("ccas_scores = 'x'\n", "ccas_scores must be a list")]:
+        config = write_config(tmp_path, pairs)
+        config.write_text(config.read_text() + text)
+        with pytest.raises(TransfiraError, match=match):
+            load_evaluate_config(config)
+    config = write_config(tmp_path, pairs, extra="compare_to = ['nobody']", outdir="bad")
+    with pytest.raises(TransfiraError, match="compare_to: no template variant nobody"):
+        run(load_evaluate_config(config))
+    config = write_config(tmp_path, pairs, images=True, outdir="bad2")
+    config.write_text(config.read_text() + "cut_agreement = true\nrecut = 100000\n")
+    with pytest.raises(TransfiraError, match=r"\[images\] recut = 100000 leaves no image"):
+        run(load_evaluate_config(config))
+    assert not (tmp_path / "bad2" / "results.md").exists() and not (tmp_path / "bad" / "results.md").exists()
