@@ -8,7 +8,8 @@ synthetic 112 x 112 batches
   - SER-FIQ: the layers before the last FC once, then m dropout passes of the head (the
     embedding comes out of the same call),
   - masks: building the m dropout masks (counter-based hash) once, shared by every image,
-and print where the dropout goes and how many units it drops.
+and print where the dropout goes, how many units it drops, and whether the masks are folded
+into a global depthwise conv's weights (MobileFaceNet) instead of multiplying copies of the input.
 
     PYTHONPATH=. python benchmarks/bench_serfiq.py [--m 100] [--batch 8] [--steps 3] [--device cuda]
 """
@@ -50,7 +51,8 @@ def bench(name: str, path: Path, m: int, batch: int, steps: int, device: torch.d
     plain = rate(lambda: net(x), steps, batch)
     full = rate(lambda: serfiq(x), steps, batch)
     masks = 1e3 / rate(lambda: keep_masks(serfiq.seed, m, serfiq.units, serfiq.p, device), steps, 1)
-    print(f"| {name} | `{serfiq.layer}` | {serfiq.units} | {m} | {batch} | {plain:.1f} | {full:.1f} | "
+    print(f"| {name} | `{serfiq.layer}` | {serfiq.units} | {'yes' if serfiq.fold else 'no'} | {m} | {batch} | "
+          f"{plain:.1f} | {full:.1f} | "
           f"{plain / full:.2f} | {masks:.1f} |", flush=True)
 
 
@@ -66,14 +68,14 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads\n")
-    print("| encoder | dropout on the input of | units | m | batch | encoder (img/s) | SER-FIQ (img/s) | slowdown "
-          "| masks, once (ms) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| encoder | dropout on the input of | units | masks folded | m | batch | encoder (img/s) | SER-FIQ (img/s) "
+          "| slowdown | masks, once (ms) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for file in args.models:
         if (MODELS / file).is_file():
             bench(file, MODELS / file, args.m, args.batch, args.steps, device)
         else:
-            print(f"| {file} | (not found under {MODELS}) | | | | | | | |")
+            print(f"| {file} | (not found under {MODELS}) | | | | | | | | |")
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(IResNet50().eval(), Path(tmp) / "r50.onnx")
         bench("IResNet-50 (random)", Path(tmp) / "r50.onnx", args.m, args.batch, args.steps, device)

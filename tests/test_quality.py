@@ -44,6 +44,24 @@ class LinearHead(nn.Module):
         return self.bn(self.fc(torch.flatten(self.body(x), 1)))
 
 
+class DepthwiseHead(nn.Module):
+    """MobileFaceNet's end: a 7x7 depthwise conv over the whole 7 x 7 map (with bias), BatchNorm2d, a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, 4, 1), nn.PReLU(6), nn.AvgPool2d(4))  # 6 x 7 x 7 at 112 px
+        self.gdc = nn.Conv2d(6, 6, 7, groups=6)
+        self.bn = nn.BatchNorm2d(6)
+        self.out = nn.Conv2d(6, 5, 1)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return torch.flatten(self.out(self.bn(self.gdc(self.body(x)))), 1)
+
+
 class NoFC(nn.Module):
     """Convs and PReLU ending in global average pooling: nothing fully connected."""
 
@@ -61,6 +79,7 @@ def onnx_models(tmp_path_factory):
     head = LinearHead().eval()
     export_onnx(head, root / "linear_head.onnx")
     export_onnx(NoFC().eval(), root / "no_fc.onnx")
+    export_onnx(DepthwiseHead().eval(), root / "depthwise_head.onnx")
     return root, head
 
 
@@ -111,6 +130,60 @@ def test_serfiq_matches_slow_numpy(onnx_models):
     with torch.no_grad():  # p = 0: all passes equal, q = 2 sigmoid(0) = 1
         assert torch.allclose(SerFiq(net, 112, m=m, p=0.0)(images)[1],
                               torch.ones(5, dtype=torch.float64))
+
+
+def test_serfiq_folded_depthwise_head_matches_slow_numpy(onnx_models):
+    """A global depthwise conv head: the masks are folded into its weights (one batched product), same scores."""
+    root, _ = onnx_models
+    net = load_backbone("onnx", root / "depthwise_head.onnx").eval()
+    torch.manual_seed(1)
+    head = DepthwiseHead().eval()  # the same weights as the exported model
+    m, p, seed = 9, 0.5, 4
+    serfiq = SerFiq(net, 112, m=m, p=p, seed=seed, batch=2)
+    assert serfiq.fold and serfiq.units == 6 * 7 * 7
+    images = torch.randn(5, 3, 112, 112)
+    with torch.no_grad():
+        embedding, q = serfiq(images)
+        x = head.body(images).double().numpy()  # [5, 6, 7, 7]
+        serfiq.fold = False  # the same masks applied to copies of the input
+        unfolded = serfiq(images)[1]
+    np.testing.assert_allclose(embedding.numpy(), net(images).detach().numpy(), rtol=1e-5, atol=1e-6)
+    w_gdc, b_gdc = (t.double().detach().numpy() for t in (head.gdc.weight[:, 0], head.gdc.bias))
+    bn = [t.double().detach().numpy() for t in (head.bn.running_mean, head.bn.running_var, head.bn.weight,
+                                                 head.bn.bias)]
+    w_out, b_out = head.out.weight[:, :, 0, 0].double().detach().numpy(), head.out.bias.double().detach().numpy()
+    expected = []
+    for i in range(5):
+        embeddings = []
+        for j in range(m):
+            dropped = x[i] * np_keep(seed, j, x[i].size, p).reshape(x[i].shape) / (1 - p)
+            z = np.array([(dropped[c] * w_gdc[c]).sum() for c in range(6)]) + b_gdc
+            z = (z - bn[0]) / np.sqrt(bn[1] + head.bn.eps) * bn[2] + bn[3]
+            z = w_out @ z + b_out
+            embeddings.append(z / np.linalg.norm(z))
+        total = sum(np.linalg.norm(embeddings[a] - embeddings[b]) for a in range(m) for b in range(a + 1, m))
+        expected.append(2 / (1 + np.exp(2 / m ** 2 * total)))
+    np.testing.assert_allclose(q.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(unfolded.numpy(), expected, rtol=1e-5)
+    assert np.ptp(expected) > 1e-3
+
+
+def test_serfiq_scratch_buffer_reused_across_calls_and_modes(demo_dir):
+    """The dropped-out input's scratch tensor is kept between calls and replaced when the mode changes."""
+    net = load_backbone("onnx", demo_dir / "encoder.onnx").eval()
+    serfiq = SerFiq(net, 112, m=6, batch=3)
+    assert not serfiq.fold  # a Gemm head: the masks multiply copies of the input
+    images = torch.randn(5, 3, 112, 112)
+    with torch.no_grad():
+        first = serfiq(images)[1]
+        buffer = serfiq._dropped
+        assert serfiq(images[:2])[1].shape == (2,) and serfiq._dropped is buffer
+    with torch.inference_mode():
+        inference = serfiq(images)[1]
+    with torch.enable_grad():
+        graded = serfiq(images.requires_grad_())[1]
+    for other in (inference, graded.detach()):
+        torch.testing.assert_close(other, first, rtol=0, atol=0)
 
 
 def test_masks_keep_one_minus_p_and_differ():
@@ -185,10 +258,13 @@ def test_fc_located_on_shared_models(name):
     net = load_backbone("onnx", MODELS / name).eval()
     serfiq = SerFiq(net, 112, m=4)
     assert (serfiq.layer, serfiq.units) == EXPECTED_FC[name]
+    assert serfiq.fold == (name == "mobilefacenet_arcface.onnx")  # its head starts with a global depthwise conv
     images = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         embedding, q = serfiq(images)
         np.testing.assert_allclose(embedding.numpy(), net(images).numpy(), rtol=1e-5, atol=1e-5)
+        serfiq.fold = False
+        np.testing.assert_allclose(serfiq(images)[1].numpy(), q.numpy(), rtol=1e-5)
     assert ((q > 0) & (q <= 1)).all()
 
 

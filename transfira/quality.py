@@ -25,7 +25,10 @@ of the chain's first map. ``[quality.serfiq] layer`` names another node instead.
 
 The ``m`` dropout masks are a counter-based hash of (seed, pass, unit), computed once and
 shared by every image (SER-FIQ needs ``m`` random subnetworks, not different ones per image):
-identical on CPU and GPU, for any batch composition, row order or image path.
+identical on CPU and GPU, for any batch composition, row order or image path. When the
+dropout's layer is a depthwise conv whose kernel covers its whole input (MobileFaceNet's
+global depthwise conv), the masks are folded into its weights once, so the ``m`` passes of
+that layer are one batched product instead of ``m`` copies of the input (:func:`folded_depthwise`).
 """
 from __future__ import annotations
 
@@ -320,6 +323,23 @@ def serfiq_from_embeddings(embeddings: torch.Tensor) -> torch.Tensor:
     return 2 * torch.sigmoid(-(2 / m ** 2) * total)
 
 
+def global_depthwise(conv: nn.Module, cut_shape: Sequence[int]) -> bool:
+    """Whether ``conv`` is a depthwise Conv2d whose kernel covers its whole input ``cut_shape`` [C, H, W]
+    without padding: ``out[c] = sum_s x[c, s] w[c, s] + b[c]`` (MobileFaceNet's global depthwise conv)."""
+    return (type(conv) is nn.Conv2d and len(cut_shape) == 3 and conv.groups == conv.in_channels == conv.out_channels
+            == cut_shape[0] and tuple(conv.kernel_size) == tuple(cut_shape[1:]) and conv.padding in ((0, 0), "valid")
+            and tuple(conv.dilation) == (1, 1))
+
+
+def folded_depthwise(x: torch.Tensor, masked_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The global depthwise conv of every pass: ``out[b, k, c] = sum_s x[b, c, s] M_k[c, s] w[c, s] + b[c]``.
+
+    ``x`` [B, C, S], ``masked_weight`` [m, C, S] (the scaled keep masks times the weights) -> [B, m, C].
+    """
+    out = torch.einsum("bcs,kcs->bkc", x, masked_weight)
+    return out if bias is None else out + bias
+
+
 class SerFiq(nn.Module):
     """The deployed encoder split at its last fully connected layer, with SER-FIQ's stochastic passes.
 
@@ -343,12 +363,19 @@ class SerFiq(nn.Module):
         self.layer, self.cut = fc.name, cut.name  # the node whose input gets the dropout, and that input
         self.prefix, self.suffix = split_at(encoder, cut, source)
         self.units = int(np.prod(cut.meta["tensor_meta"].shape[1:]))
+        first = next(iter(next(n for n in self.suffix.graph.nodes if n.op == "placeholder").users))
+        self.fold = first.op == "call_module" and global_depthwise(self.suffix.get_submodule(first.target),
+                                                                    cut.meta["tensor_meta"].shape[1:])
+        if self.fold:  # the dropout's layer alone, and the layers after it
+            self.depthwise = self.suffix.get_submodule(first.target)
+            self.after_depthwise = split_at(self.suffix, first, source)[1]
         if m * self.units >= 2 ** 32:
             raise TransfiraError(f"{source}: SER-FIQ with m = {m} passes over {self.units} units exceeds the mask "
                                  "counter range (m x units < 2^32)")
         self.m, self.p, self.seed = m, float(p), seed
         self.batch = batch or max(1, AUTO_CHUNK_VALUES // (m * self.units))
         self._masks: torch.Tensor | None = None
+        self._dropped: torch.Tensor | None = None  # reused: a fresh 64 MB tensor per chunk costs page faults
 
     def masks(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The keep masks [m, F] scaled by ``1 / (1 - p)`` (inverted dropout) in ``dtype``, cached."""
@@ -357,6 +384,14 @@ class SerFiq(nn.Module):
             self._masks = keep.to(dtype) * (1 / (1 - self.p))
         return self._masks
 
+    def buffer(self, b: int, like: torch.Tensor) -> torch.Tensor:
+        """``[b, m, F]`` scratch for the dropped-out input, kept between calls (allocated once per run)."""
+        full = self._dropped
+        if (full is None or full.device != like.device or full.dtype != like.dtype or len(full) < b
+                or full.is_inference() != torch.is_inference_mode_enabled()):
+            full = self._dropped = like.new_empty(max(b, min(len(like), self.batch)), self.m, self.units)
+        return full[:b]
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.prefix(images)
         return self.suffix(x), self.scores(x)
@@ -364,11 +399,18 @@ class SerFiq(nn.Module):
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """SER-FIQ [B] (float64) of the split-point values ``x`` [B, ...]."""
         masks = self.masks(x.device, x.dtype)
+        if self.fold:
+            weight = masks.reshape(self.m, *self.depthwise.weight.shape[:1], -1) * self.depthwise.weight.flatten(1)
         out = []
         for start in range(0, len(x), self.batch):
             chunk = x[start:start + self.batch]
             b = len(chunk)
-            dropped = chunk.reshape(b, 1, -1) * masks  # [b, m, F]: one broadcast multiply
-            embeddings = self.suffix(dropped.reshape(b * self.m, *chunk.shape[1:]))
+            if self.fold:
+                conv = folded_depthwise(chunk.flatten(2), weight, self.depthwise.bias)  # [b, m, C]
+                embeddings = self.after_depthwise(conv.reshape(b * self.m, -1, 1, 1))
+            else:
+                buffer = None if chunk.requires_grad and torch.is_grad_enabled() else self.buffer(b, x)
+                dropped = torch.mul(chunk.reshape(b, 1, -1), masks, out=buffer)  # [b, m, F]
+                embeddings = self.suffix(dropped.reshape(b * self.m, *chunk.shape[1:]))
             out.append(serfiq_from_embeddings(embeddings.reshape(b, self.m, -1)))
         return torch.cat(out) if out else x.new_zeros(0, dtype=torch.float64)
