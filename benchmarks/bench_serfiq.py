@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_train import IResNet50, sync
+from benchmarks.bench_train import IResNet50, timed as rate
 from transfira.backbone import load_backbone, resolve_device
 from transfira.demo import export_onnx
 from transfira.quality import SerFiq, keep_masks
@@ -30,17 +29,6 @@ from transfira.quality import SerFiq, keep_masks
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = next((p for p in (ROOT.parent / "shared" / "models", ROOT / "shared" / "models") if p.is_dir()),
               ROOT.parent / "shared" / "models")  # beside the checkout, or inside it (a copy on a GPU machine)
-
-
-def rate(fn, steps: int, images: int) -> float:
-    """Images per second of ``fn`` over ``steps`` calls, after one warm-up call."""
-    fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return steps * images / (time.perf_counter() - start)
 
 
 @torch.inference_mode()

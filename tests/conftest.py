@@ -31,6 +31,17 @@ def run_script(script: str, *args: str, cwd: Path | None = None, check: bool = T
     return proc
 
 
+def load_script(script: str):
+    """A top-level script (path relative to the project root) imported as a module, to call its ``main``
+    in this process (a subprocess costs seconds of start-up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def demo_predictor(demo_dir, tmp_path_factory) -> Path:
     """A predictor checkpoint (plain state dict) on the demo encoder, CCAS spread around 0."""

@@ -1,12 +1,12 @@
 """explain.py on the demo data: sweeps (severity 0 = generate.py), crossings, confuser, attribution sanity, IG."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_script
 import torch
 
 from transfira.attribution import blurred, ccas_score, integrated_gradients, region_drops
@@ -216,9 +216,7 @@ def test_script_on_demo_config(run, setup, demo_dir):
     """explain.py's command line runs a TOML config (the shipped demo config validates)."""
     load_config(ROOT / "configs" / "demo" / "explain.toml", EXPLAIN_SCHEMA)
     load_config(ROOT / "configs" / "explain.toml", EXPLAIN_SCHEMA)
-    spec = importlib.util.spec_from_file_location("transfira_explain_cli", ROOT / "explain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("explain.py")
     toml = setup / "e.toml"
     toml.write_text(f"model_path = '{demo_dir / 'encoder.onnx'}'\nembedding_size = 64\n"
                     f"checkpoint_path = '{setup / 'predictor.pt'}'\ncenters_path = '{setup / 'labels' / 'test_centers.npz'}'\n"

@@ -1,7 +1,6 @@
 """export_onnx.py: parity onnxruntime vs PyTorch, dynamic batch, metadata, a torch-free runtime, fp16."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import load_script
 
 from transfira.errors import TransfiraError
 from transfira.export import preprocessing_metadata, read_metadata
@@ -18,10 +17,7 @@ from transfira.predictor import Predictor
 
 
 def cli(*args) -> None:
-    spec = importlib.util.spec_from_file_location("transfira_export_cli", ROOT / "export_onnx.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main([str(a) for a in args])
+    load_script("export_onnx.py").main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

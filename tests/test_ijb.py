@@ -1,13 +1,13 @@
 """IJB-B / IJB-C: meta readers, media pooling by hand, synthetic loose crops, run_ijb.py end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_script
 import torch
 from PIL import Image, ImageFilter
 
@@ -232,10 +232,7 @@ def test_alignment_of_loose_crops_reproduces_the_aligned_face(release):
 # --- run_ijb.py end to end ---------------------------------------------------------------------------
 
 def run_ijb_cli(*args):
-    spec = importlib.util.spec_from_file_location("run_ijb_cli", ROOT / "data" / "IJB" / "run_ijb.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in args])
+    return load_script("data/IJB/run_ijb.py").main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """RecordIO reader and WebFace12M extractor, against .rec/.idx files written here."""
 from __future__ import annotations
 
-import importlib.util
 import random
 import struct
 import subprocess
@@ -11,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_script
 
 from transfira.errors import TransfiraError
 from transfira.recordio import RecordFile, extract_all, extract_subsets, read_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data" / "WebFace12M" / "extract.py"
-_spec = importlib.util.spec_from_file_location("webface12m_extract", SCRIPT)
-extract_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(extract_script)
+extract_script = load_script("data/WebFace12M/extract.py")
 
 M = b"\x0a\x23\xd7\xce"  # 0xced7230a little-endian
 

@@ -1,13 +1,12 @@
 """score.py on the demo data: folder and CSV input, a corrupt file, resume after a torn write, --detect."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import FAKE_FACES, ROOT
+from conftest import FAKE_FACES, ROOT, load_script
 from PIL import Image
 
 from transfira.alignment import LANDMARK_COLUMNS, align_face
@@ -18,10 +17,7 @@ from transfira.jobs.score import BOX_COLUMNS, NO_FACE
 
 def cli(*args) -> None:
     """score.py's ``main`` in this process."""
-    spec = importlib.util.spec_from_file_location("transfira_score_cli", ROOT / "score.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main([str(a) for a in args])
+    load_script("score.py").main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

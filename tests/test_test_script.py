@@ -1,7 +1,6 @@
 """test.py end to end on the demo data: one-pass features + scores, separate steps, legacy files, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -9,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_script
+from conftest import load_script, run_script
 
 from transfira.aggregation import VARIANTS, all_variants
 from transfira.backbone import load_backbone
@@ -56,10 +55,7 @@ def _toml(value) -> str:
 
 def cli(*args) -> None:
     """test.py's ``main`` in this process (subprocesses cost seconds of start-up each)."""
-    spec = importlib.util.spec_from_file_location("transfira_test_cli", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main([str(a) for a in args])
+    load_script("test.py").main([str(a) for a in args])
 
 
 def templates(outdir, name):

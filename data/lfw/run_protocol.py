@@ -54,6 +54,16 @@ def dump_toml(config: dict[str, Any]) -> str:
     return "\n".join(table("", config)) + "\n"
 
 
+def write_configs(configs: dict[str, dict[str, Any]], workdir: str | Path) -> dict[str, Path]:
+    """Write each stage's config to ``<workdir>/configs/<stage>.toml``; the paths by stage."""
+    config_dir = Path(workdir) / "configs"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    paths = {stage: config_dir / f"{stage}.toml" for stage in configs}
+    for stage, cfg in configs.items():
+        paths[stage].write_text(dump_toml(cfg))
+    return paths
+
+
 def parse_override(text: str, stages: tuple[str, ...] = STAGES) -> tuple[str, list[str], Any]:
     """``stage.key[.key]=value`` -> (stage, keys, value); the value is read as TOML, else as a string."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
@@ -141,12 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     os.chdir(ROOT)
     workdir = args.workdir.rstrip("/")
     configs = load_configs(Path(args.configs), workdir, args.overrides)
-    config_dir = Path(workdir) / "configs"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for stage, cfg in configs.items():
-        paths[stage] = config_dir / f"{stage}.toml"
-        paths[stage].write_text(dump_toml(cfg))
+    paths = write_configs(configs, workdir)
     cmds = commands(configs, paths, args.recompute_features)
     todo = STAGES[STAGES.index(args.first): STAGES.index(args.last) + 1]
     timings_path = Path(workdir) / "timings.json"

@@ -29,7 +29,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from data.lfw.run_protocol import dump_toml, parse_override  # noqa: E402
+from data.lfw.run_protocol import parse_override, write_configs  # noqa: E402
 from data.lfw_video.make_protocol import _hash  # noqa: E402
 
 STAGES = ("calibrate", "protocol", "generate", "prepare", "train", "test", "analyse", "evaluate")
@@ -146,12 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
     os.chdir(ROOT)
     configs, workdir = load_configs(Path(args.configs), args.workdir, args.overrides)
-    config_dir = Path(workdir) / "configs"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for stage, cfg in configs.items():
-        paths[stage] = config_dir / f"{stage}.toml"
-        paths[stage].write_text(dump_toml(cfg))
+    paths = write_configs(configs, workdir)
     cmds = commands(configs, paths)
     todo = STAGES[STAGES.index(args.first): STAGES.index(args.last) + 1]
     timings_path = Path(workdir) / "timings.json"
