@@ -38,6 +38,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 from PIL import Image
@@ -91,24 +92,33 @@ def plan_degradations(frame: pd.DataFrame, args: argparse.Namespace) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def write_images(images: pd.DataFrame, lfw: Path, out: Path, seed: int) -> int:
-    """Copy clean photos, render degraded ones; files already there are kept (same bytes by construction)."""
+def write_missing(rows: Iterable[Any], out: Path, make: Callable[[Any, Path], None]) -> int:
+    """``make(row, tmp)`` writes each row's ``out / row.path`` to a temporary name, then renames it; files
+    already there are kept (same bytes by construction). Returns the number written."""
     written = 0
-    for row in images.itertuples(index=False):
+    for row in rows:
         target = out / row.path
         if target.is_file():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp-write")
-        if row.degradation == "none":
-            shutil.copyfile(lfw / "images" / row.source, tmp)
-        else:
-            with Image.open(lfw / "images" / row.source) as img:
-                img = img.convert("RGB")
-            degrade(img, row.degradation, float(row.severity), _hash(seed, "pixels", row.path) % 2**32).save(tmp, "PNG")
+        make(row, tmp)
         tmp.replace(target)
         written += 1
     return written
+
+
+def write_images(images: pd.DataFrame, lfw: Path, out: Path, seed: int) -> int:
+    """Copy clean photos, render degraded ones."""
+    def make(row: Any, tmp: Path) -> None:
+        if row.degradation == "none":
+            shutil.copyfile(lfw / "images" / row.source, tmp)
+            return
+        with Image.open(lfw / "images" / row.source) as img:
+            img = img.convert("RGB")
+        degrade(img, row.degradation, float(row.severity), _hash(seed, "pixels", row.path) % 2**32).save(tmp, "PNG")
+
+    return write_missing(images.itertuples(index=False), out, make)
 
 
 def cap_split(table: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:

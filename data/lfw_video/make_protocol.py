@@ -47,7 +47,7 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from data.lfw.make_protocol import _hash, _unit, assign_split, check_kinds_and_split  # noqa: E402  (one hashing scheme for both protocols)
+from data.lfw.make_protocol import _hash, _unit, assign_split, check_kinds_and_split, write_missing  # noqa: E402  (one hashing scheme for both protocols)
 from transfira.degradations import degrade_chain  # noqa: E402
 
 SPLITS = ("train", "val", "test")
@@ -128,21 +128,14 @@ def render(row, lfw: Path) -> Image.Image:
 
 def write_images(tables: dict[str, pd.DataFrame], lfw: Path, out: Path) -> int:
     """Copy enrolment photos, render frames; files already there are kept (same bytes by construction)."""
-    written = 0
-    for name, table in tables.items():
-        for row in table.itertuples(index=False):
-            target = out / row.path
-            if target.is_file():
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp-write")
-            if name.endswith("_gallery"):
-                shutil.copyfile(lfw / "images" / row.source, tmp)
-            else:
-                render(row, lfw).save(tmp, "PNG")
-            tmp.replace(target)
-            written += 1
-    return written
+    def copy(row, tmp: Path) -> None:
+        shutil.copyfile(lfw / "images" / row.source, tmp)
+
+    def frame(row, tmp: Path) -> None:
+        render(row, lfw).save(tmp, "PNG")
+
+    return sum(write_missing(table.itertuples(index=False), out, copy if name.endswith("_gallery") else frame)
+               for name, table in tables.items())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
