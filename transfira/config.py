@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,31 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise TransfiraError(f"{path}: invalid TOML: {err}") from None
+
+
+def _toml_value(value: Any, key: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v, key) for v in value) + "]"
+    raise TransfiraError(f"config key '{key}': cannot write a {type(value).__name__} to TOML")
+
+
+def toml_text(config: dict[str, Any]) -> str:
+    """TOML text of a config: scalar keys on top, then (possibly nested) tables; ``read_toml`` reads it back."""
+    def table(prefix: str, data: dict[str, Any]) -> list[str]:
+        lines = [f"{k} = {_toml_value(v, f'{prefix}.{k}' if prefix else k)}" for k, v in data.items()
+                 if not isinstance(v, dict)]
+        for k, v in data.items():
+            if isinstance(v, dict):
+                name = f"{prefix}.{k}" if prefix else k
+                lines += ["", f"[{name}]"] + table(name, v)
+        return lines
+    return "\n".join(table("", config)) + "\n"
 
 
 def load_config(path: str | Path, schema: dict[str, Any]) -> dict[str, Any]:

@@ -26,32 +26,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from transfira.config import toml_text  # noqa: E402
+
 STAGES = ("protocol", "generate", "train", "test", "evaluate")
 DEFAULT_WORKDIR = "output/lfw"
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string for the paths and names used here
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dump_toml(config: dict[str, Any]) -> str:
-    """TOML text of a config with scalar keys on top and (possibly nested) tables below."""
-    def table(prefix: str, data: dict[str, Any]) -> list[str]:
-        lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-        for k, v in data.items():
-            if isinstance(v, dict):
-                name = f"{prefix}.{k}" if prefix else k
-                lines += ["", f"[{name}]"] + table(name, v)
-        return lines
-    return "\n".join(table("", config)) + "\n"
 
 
 def write_configs(configs: dict[str, dict[str, Any]], workdir: str | Path) -> dict[str, Path]:
@@ -60,7 +39,7 @@ def write_configs(configs: dict[str, dict[str, Any]], workdir: str | Path) -> di
     config_dir.mkdir(parents=True, exist_ok=True)
     paths = {stage: config_dir / f"{stage}.toml" for stage in configs}
     for stage, cfg in configs.items():
-        paths[stage].write_text(dump_toml(cfg))
+        paths[stage].write_text(toml_text(cfg))
     return paths
 
 

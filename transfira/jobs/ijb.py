@@ -28,13 +28,17 @@ import numpy as np
 import pandas as pd
 
 from ..aggregation import VARIANTS, aggregate_media_variants
-from ..config import REQUIRED
+from ..config import REQUIRED, toml_text
 from ..data import AUG_DEFAULTS
 from ..errors import TransfiraError
 from ..io import file_fingerprint, save_csv, save_id_vectors, save_json
 from ..progress import log
 
 STAGES = ("meta", "features", "templates", "evaluate")
+# evaluate.py's job on the config file argv[1], run in its own process (no job imports another); found
+# through the package, so it works from a checkout and from a non-editable install alike
+EVALUATE_IN_ITS_OWN_PROCESS = ("import sys; from transfira.errors import run_cli; from transfira.jobs import evaluate; "
+                               "run_cli(lambda: evaluate.run(evaluate.load_evaluate_config(sys.argv[1])))")
 FMR_DEFAULT = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 SCHEMA: dict[str, Any] = {
     "root": REQUIRED,  # the release: <root>/loose_crop/, <root>/meta/
@@ -53,8 +57,8 @@ SCHEMA: dict[str, Any] = {
     "normalize_features": False,  # L2-normalize image features before pooling (InsightFace: raw, N1)
     "variants": list(VARIANTS),
     "fmr": list(FMR_DEFAULT),
-    "threshold_convention": "spec",  # 'insightface' adds InsightFace's nearest-FPR TAR (evaluate.py permitting)
-    "bootstrap": 0,  # evaluate.py's subject-bootstrap replicates for 95 % intervals (evaluate.py permitting)
+    "threshold_convention": "spec",  # 'insightface' adds InsightFace's nearest-FPR TAR rows
+    "bootstrap": 0,  # evaluate.py's subject-bootstrap replicates for 95 % intervals (0 = none)
     "batch_size": 64,
     "num_workers": 2,
     "device": "auto",
@@ -198,15 +202,10 @@ def evaluate_config(cfg: dict[str, Any], outdir: Path) -> dict[str, Any]:
 def stage_evaluate(cfg: dict[str, Any], outdir: Path) -> Path:
     """Write ``evaluate.toml`` and run evaluate.py on it (another job: its own process)."""
     path = outdir / "evaluate.toml"
-    ecfg = evaluate_config(cfg, outdir)
-    value = lambda v: (str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, (int, float))  # noqa: E731
-                       else json.dumps(v))
-    lines = [f"{k} = {value(v)}" for k, v in ecfg.items() if not isinstance(v, dict)]
-    for table in ("templates", "pairs"):
-        lines += ["", f"[{table}]"] + [f"{k} = {value(v)}" for k, v in ecfg[table].items()]
-    path.write_text("\n".join(lines) + "\n")
-    script = Path(__file__).resolve().parents[2] / "evaluate.py"
-    done = subprocess.run([sys.executable, str(script), "--config", str(path)])
+    path.write_text(toml_text(evaluate_config(cfg, outdir)))
+    package_root = str(Path(__file__).resolve().parents[2])  # holds `transfira`: the checkout or site-packages
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", EVALUATE_IN_ITS_OWN_PROCESS, str(path)], env=env)
     if done.returncode:
         raise TransfiraError(f"evaluate.py --config {path} failed (exit status {done.returncode}; its error is above)")
     return path
