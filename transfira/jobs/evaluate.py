@@ -311,7 +311,7 @@ def load_vector(path: str, n: int, what: str) -> np.ndarray:
     return x.astype(np.float32) if what == "features" else x.reshape(-1).astype(np.float64)
 
 
-def quality_scores(im: dict, labels: pd.DataFrame, path: str) -> dict[str, np.ndarray]:
+def read_quality_scores(im: dict, labels: pd.DataFrame, path: str) -> dict[str, np.ndarray]:
     """The ``scores`` and ``ccas_scores`` columns of ``quality_csv`` (test.py's test_quality.csv), rows
     matched to the labels CSV by the image path column."""
     columns = list(dict.fromkeys(im["scores"] + im["ccas_scores"]))
@@ -354,17 +354,29 @@ def image_measures(im: dict, labels: pd.DataFrame, path: str, n: int) -> dict[st
             measures[f"predicted {key.upper()}"] = (load_vector(im[key], n, f"predicted {key}"), key)
     for col in im["quality_columns"]:
         measures[col] = (numeric(labels, col, path), "ccs")
-    for col, q in quality_scores(im, labels, path).items():
+    for col, q in read_quality_scores(im, labels, path).items():
         measures[col] = (q, "ccas" if col in im["ccas_scores"] else "ccs")
     return measures
 
 
-def image_pairs(im: dict, subjects: np.ndarray, feats: np.ndarray, fmrs, chunk: int, device, n_boot: int, seed: int):
+@dataclass
+class ImagePairs:
+    """The scored image pairs of the image level (:func:`image_pairs`)."""
+
+    stats: ev.ScoreStats  # genuine scores, the top impostor scores, the impostor count
+    units: np.ndarray  # [N] the bootstrap unit (subject code) of each image
+    genuine_pairs: np.ndarray  # [G, 2] image indices; with an enrolment set both columns are the image's
+    replicate_thresholds: np.ndarray | None  # [R, F] each bootstrap replicate's threshold per FMR
+    counts: np.ndarray | None  # [R, units] how often each replicate draws each unit
+    source: str  # one line: which images, how many pairs
+
+
+def image_pairs(im: dict, subjects: np.ndarray, feats: np.ndarray, fmrs, chunk: int, device, n_boot: int,
+                seed: int) -> ImagePairs:
     """The image pairs of the image level: all-vs-all, or every image against the enrolment set.
 
-    Returns (stats, units of the images, genuine pairs as image indices [G, 2], design, counts, source);
-    with an enrolment set both columns of the pairs are the image's index (the enrolment photo is not
-    discarded), and the bootstrap resamples the subjects of both sides.
+    With an enrolment set both columns of the genuine pairs are the image's index (the enrolment photo is
+    not discarded), and the bootstrap resamples the subjects of both sides.
     """
     cross = bool(im["enrolment_labels"])
     if cross:
@@ -399,7 +411,7 @@ def image_pairs(im: dict, subjects: np.ndarray, feats: np.ndarray, fmrs, chunk: 
               f"{stats.n_impostor} impostor pairs (enrolment x images)" if cross else
               f"{n} images of {n_units} subjects from {im['labels']}: {len(stats.genuine)} genuine, "
               f"{stats.n_impostor} impostor pairs (all-vs-all)")
-    return stats, units, pairs, rep_thr, counts, source
+    return ImagePairs(stats, units, pairs, rep_thr, counts, source)
 
 
 def image_level(cfg: dict, device: torch.device) -> ImageLevel:
@@ -420,8 +432,9 @@ def image_level(cfg: dict, device: torch.device) -> ImageLevel:
     measures = image_measures(im, labels, path, n)
     measures["ideal (true CCS)"] = (true["ccs"], None)
 
-    stats, units, pairs, rep_thr, counts, source = image_pairs(
-        im, labels[im["label_col_name"]].to_numpy(), feats, fmrs, cfg["chunk_size"], device, n_boot, cfg["seed"])
+    scored = image_pairs(im, labels[im["label_col_name"]].to_numpy(), feats, fmrs, cfg["chunk_size"], device, n_boot,
+                         cfg["seed"])
+    stats, units, pairs = scored.stats, scored.units, scored.genuine_pairs
     thresholds = ev.fmr_thresholds(stats.impostor_top, stats.n_impostor, fmrs)
     uptos = [im["max_discard"], PAUC_UPTO]
     boot: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (SC [R], areas [R, F, 2])
@@ -431,12 +444,12 @@ def image_level(cfg: dict, device: torch.device) -> ImageLevel:
         boot = {name: (np.full(n_boot, np.nan), np.full((n_boot, len(fmrs), 2), np.nan)) for name in measures}
         for lo, hi in progress_bar(bs.batches(n_boot, n + len(stats.genuine)), desc="image bootstrap",
                                    unit="batch"):
-            c = counts[lo:hi]
+            c = scored.counts[lo:hi]
             for name, (q, target) in measures.items():
                 if target:
                     boot[name][0][lo:hi] = bs.weighted_spearman(q, true[target], c[:, units])
                 for fi in range(len(fmrs)):
-                    thr = rep_thr[lo:hi, fi]
+                    thr = scored.replicate_thresholds[lo:hi, fi]
                     ok = ~np.isnan(thr)
                     if ok.any():
                         fnm = stats.genuine[None, :] <= thr[ok, None]
@@ -476,7 +489,7 @@ def image_level(cfg: dict, device: torch.device) -> ImageLevel:
     cuts = cut_tables(ccas_measures, true["ccas"], im["recut"], cfg["seed"]) if im["cut_agreement"] else None
     breakdown = (breakdown_table(labels, im["breakdown"], im["bins"], measures, true, ccas_measures, path)
                  if im["breakdown"] else None)
-    return ImageLevel(pd.DataFrame(rows), curves, source, cuts, breakdown)
+    return ImageLevel(pd.DataFrame(rows), curves, scored.source, cuts, breakdown)
 
 
 def cut_tables(ccas_measures: dict[str, np.ndarray], true_ccas: np.ndarray, recut: int, seed: int) -> pd.DataFrame:
